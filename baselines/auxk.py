@@ -1,0 +1,41 @@
+"""AuxK (Gao et al. 2024, section A.2), shared by the TopK family.
+
+Latents that have not fired for a long stretch of training tokens are "dead". AuxK
+asks the top ``k_aux`` of them, per token, to reconstruct what the live latents
+missed, so they get a gradient again and can come back. Two details differ from
+SAELens on purpose: the residual is reconstructed WITHOUT ``b_dec`` (the target is
+a difference of two reconstructions, both of which already contain it), and the
+loss is normalised by the residual's variance over the batch, so its weight means
+the same at any activation scale and reconstruction quality.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def auxk_loss(
+    pre: torch.Tensor,
+    residual: torch.Tensor,
+    dead: torch.Tensor,
+    k_aux: int,
+    W_dec: torch.Tensor,
+) -> torch.Tensor:
+    """``||e - e_hat||^2 / ||e - mean(e)||^2`` (sums over dims, means over the batch).
+
+    ``pre`` [B, d_sae]: encoder pre-activations (with their graph); ``residual`` [B, d_in]:
+    ``x - x_hat``, used as a fixed target; ``dead`` [d_sae] bool. ``e_hat`` decodes the
+    ReLU of the top ``min(k_aux, #dead)`` dead pre-activations per token with ``W_dec``
+    only. Zero (no graph) when nothing is dead, and zero when the residual does not vary
+    over the batch (a one-token batch), where the normalisation is undefined.
+    """
+    k = min(int(k_aux), int(dead.sum()))
+    if k <= 0:
+        return pre.new_zeros(())
+    e = residual.detach()
+    vals, idx = pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    e_hat = z_aux @ W_dec
+    num = (e - e_hat).pow(2).sum(-1).mean()
+    den = (e - e.mean(0)).pow(2).sum(-1).mean()
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0 * num)

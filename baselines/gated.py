@@ -1,0 +1,156 @@
+"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014).
+
+The encoder separates *which* latents fire from *how strongly*:
+
+    pi_gate = (x - b_dec) W_enc + b_gate
+    pi_mag  = (x - b_dec) (W_enc * exp(r_mag)) + b_mag
+    f       = 1[pi_gate > 0] * ReLU(pi_mag),        x_hat = f W_dec + b_dec
+
+The L1 penalty acts only on the gate path, ReLU(pi_gate), so it no longer shrinks
+the magnitudes that build x_hat (the shrinkage an L1 SAE shows as a relative
+reconstruction bias below 1). The Heaviside passes no gradient, so the gate path is
+trained by the sparsity term plus an auxiliary reconstruction of x from
+ReLU(pi_gate) through a *stop-gradient copy* of the decoder:
+
+    loss = ||x - x_hat||^2 + lambda * sum_i ReLU(pi_gate)_i ||W_dec,i||
+           + ||x - (ReLU(pi_gate) W_dec.detach() + b_dec.detach())||^2
+
+(squared norms summed over dimensions, everything averaged over tokens). The copy
+is what makes the auxiliary term a training signal for the *encoder* only; SAELens
+passes the live decoder there, so its auxiliary term also pulls W_dec and b_dec
+towards reconstructing from the un-gated, shrunken gate activations. As in the paper
+and dictionary_learning, the *encoder's* input centring (x - b_dec) uses the live
+b_dec, so b_dec still receives gradient from every term through pi_gate/pi_mag,
+exactly as it does in an L1 SAE's encoder.
+
+Parameters use SAELens's Gated names and shapes: W_enc [d_in, d_sae], b_gate,
+r_mag, b_mag [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
+from dictbench.baselines.init import geometric_median, unit_rows
+from dictbench.registry import register_baseline
+
+
+@dataclass
+class GatedConfig(BaselineConfig):
+    """Hyperparameters; defaults follow the paper / dictionary_learning where they transfer.
+
+    - ``l1_coefficient`` (lambda): 5.0, the same default as dictbench's ``l1`` baseline.
+      With activations rescaled to E||x||^2 = d_in and unit-norm decoder rows, the
+      auxiliary term pins ReLU(pi_gate) to the scale of an L1 SAE's latents, so the two
+      coefficients act on comparable quantities. dictionary_learning's 0.1 is for raw,
+      unnormalised activations and does not transfer; sweep this knob.
+    - ``l1_warmup_frac``: linear ramp of lambda over the first 5% of steps, as ``l1``.
+    - ``unit_norm_decoder``: the paper trains with unit-norm decoder rows (gradient
+      projected onto the sphere, rows renormalised after each step). With it off the
+      rows are free and the norm-weighted penalty keeps the sparsity term honest
+      (shrinking latents while growing rows would otherwise dodge it).
+    - ``adam_beta1, adam_beta2`` = (0.0, 0.999): dictionary_learning's gated trainer.
+    - ``lr``: None means the run's budget rate. dictionary_learning uses 5e-5 over
+      long budgets; a short dictbench budget needs a larger rate.
+    """
+
+    l1_coefficient: float = 5.0
+    l1_warmup_frac: float = 0.05
+    unit_norm_decoder: bool = True
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+
+
+@register_baseline
+class GatedSAE(Baseline):
+    name = "gated"
+    config_class = GatedConfig
+    sparsity_knob = "l1_coefficient"
+
+    def __init__(self, cfg: GatedConfig):
+        super().__init__(cfg)
+        self.cfg: GatedConfig = cfg
+        w_dec = unit_rows(torch.randn(cfg.d_sae, cfg.d_in))
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    # --- encoder pieces --------------------------------------------------------------
+    def pre_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pi_gate, pi_mag): the two paths share W_enc, rescaled per latent by exp(r_mag)."""
+        xc = x - self.b_dec
+        pi_gate = xc @ self.W_enc + self.b_gate
+        pi_mag = xc @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        return pi_gate, pi_mag
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pi_gate, pi_mag = self.pre_activations(x)
+        return (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    # --- training ----------------------------------------------------------------------
+    def loss_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The three loss terms with their graphs (unweighted), and the latents f.
+
+        Separate from :meth:`loss` so each term's gradient can be inspected alone.
+        """
+        pi_gate, pi_mag = self.pre_activations(x)
+        # Multiplying by a 0/1 mask: the Heaviside step sends no gradient to the gate.
+        f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
+        x_hat = self.decode(f)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        gate = torch.relu(pi_gate)
+        row_norms = self.W_dec.norm(dim=-1)
+        l1 = (gate * row_norms).sum(-1).mean()
+        x_hat_frozen = gate @ self.W_dec.detach() + self.b_dec.detach()
+        aux = (x_hat_frozen - x).pow(2).sum(-1).mean()
+        return {"mse": mse, "l1": l1, "aux": aux}, f
+
+    def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
+        terms, f = self.loss_terms(batch)
+        warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
+        total = terms["mse"] + self.cfg.l1_coefficient * warm * terms["l1"] + terms["aux"]
+        return LossOutput(total, {k: v.detach() for k, v in terms.items()}, f.detach())
+
+    def on_train_start(self, total_steps: int, sample: torch.Tensor) -> None:
+        super().on_train_start(total_steps, sample)
+        with torch.no_grad():
+            self.b_dec.copy_(geometric_median(sample))
+
+    def before_optimizer_step(self) -> None:
+        if not self.cfg.unit_norm_decoder:
+            return
+        # Keep only the gradient tangent to each unit row's sphere.
+        g = self.W_dec.grad
+        if g is not None:
+            w = self.W_dec.data
+            g.sub_((g * w).sum(-1, keepdim=True) * w)
+
+    def after_step(self) -> None:
+        if self.cfg.unit_norm_decoder:
+            with torch.no_grad():
+                self.W_dec.copy_(unit_rows(self.W_dec))
+
+    def flops_per_token(self) -> float:
+        """Four dictionary-sized matmuls per token (gate and magnitude encoders, decoder,
+        frozen decoder of the aux term) at the usual 6 FLOPs per weight; the frozen
+        decoder's skipped weight gradient makes this a slight overestimate."""
+        return 6.0 * 4 * self.cfg.d_in * self.cfg.d_sae
+
+    def fold_input_scale(self, scale: float) -> None:
+        # Trained on s x: pi_gate(s x) = s * [(x - b_dec/s) W_enc + b_gate/s], likewise
+        # pi_mag. The gate's sign and ReLU are unchanged by the positive factor s, so
+        # dividing every bias by s gives latents f/s and reconstruction x_hat/s.
+        with torch.no_grad():
+            self.b_gate.div_(scale)
+            self.b_mag.div_(scale)
+            self.b_dec.div_(scale)

@@ -1,0 +1,120 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+pre = (x - b_dec) W_enc + b_enc, z = ReLU(TopK_k(pre)), x_hat = z W_dec + b_dec.
+Sparsity is set directly by k (exactly k candidates per token; the ReLU may zero
+some), so the loss is reconstruction only, plus AuxK (baselines/auxk.py) to revive
+latents that stopped firing. Decoder rows are kept at unit norm as in the paper;
+with no penalty on z this is not needed against penalty-dodging, but it fixes the
+scale of each latent so activations are comparable across latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dictbench.baselines.auxk import auxk_loss
+from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput
+from dictbench.baselines.init import geometric_median, unit_rows
+from dictbench.registry import register_baseline
+
+
+@dataclass
+class TopKConfig(BaselineConfig):
+    """Paper defaults. ``lr`` None uses the run's rate; the paper tunes Adam's rate by
+    size (dictionary_learning: 2e-4 / sqrt(d_sae / 2**14))."""
+
+    # Latents kept per token (the paper's headline SAEs use k = 32).
+    k: int = 32
+    # Dead latents used by AuxK per token; None means d_in // 2 (paper: "typically d_in/2"
+    # or 512), capped by the number of dead latents.
+    k_aux: int | None = None
+    aux_coefficient: float = 1 / 32
+    # A latent is dead after firing on none of this many consecutive training tokens
+    # (paper: 10M). Budgets smaller than this never trigger AuxK unless a run lowers it.
+    dead_tokens_threshold: int = 10_000_000
+
+
+@register_baseline
+class TopKSAE(Baseline):
+    name = "topk"
+    config_class = TopKConfig
+    sparsity_knob = "k"
+
+    def __init__(self, cfg: TopKConfig):
+        super().__init__(cfg)
+        self.cfg: TopKConfig = cfg
+        w_dec = unit_rows(torch.randn(cfg.d_sae, cfg.d_in))
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        # Training tokens since each latent last fired; a buffer so it survives state_dict.
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
+
+    # --- the model -----------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def sparsify(self, pre: torch.Tensor) -> torch.Tensor:
+        """Keep each token's k largest pre-activations, then ReLU."""
+        vals, idx = pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sparsify(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    # --- training --------------------------------------------------------------------
+    @property
+    def k_aux(self) -> int:
+        return self.cfg.k_aux if self.cfg.k_aux is not None else self.cfg.d_in // 2
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired > self.cfg.dead_tokens_threshold
+
+    def observe(self, z: torch.Tensor) -> None:
+        """Training-time bookkeeping on the batch's latents (counts since last firing)."""
+        flat = z.reshape(-1, z.shape[-1])
+        self.tokens_since_fired += flat.shape[0]
+        self.tokens_since_fired[(flat > 0).any(0)] = 0
+
+    def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
+        pre = self.pre_acts(batch)
+        z = self.sparsify(pre)
+        x_hat = self.decode(z)
+        mse = (x_hat - batch).pow(2).sum(-1).mean()
+        if self.training:
+            with torch.no_grad():
+                self.observe(z)
+        # A latent firing in this batch is not dead (the counts above include it).
+        aux = auxk_loss(pre, batch - x_hat, self.dead_mask(), self.k_aux, self.W_dec)
+        total = mse + self.cfg.aux_coefficient * aux
+        return LossOutput(total, {"mse": mse.detach(), "auxk": aux.detach()}, z.detach())
+
+    def on_train_start(self, total_steps: int, sample: torch.Tensor) -> None:
+        super().on_train_start(total_steps, sample)
+        with torch.no_grad():
+            self.b_dec.copy_(geometric_median(sample))
+
+    def before_optimizer_step(self) -> None:
+        # Remove the gradient component parallel to each unit decoder row (as l1).
+        g = self.W_dec.grad
+        if g is not None:
+            w = self.W_dec.data
+            g.sub_((g * w).sum(-1, keepdim=True) * w)
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.W_dec.copy_(unit_rows(self.W_dec))
+
+    def fold_input_scale(self, scale: float) -> None:
+        # pre(s x) = s * pre_folded(x) once both biases are divided by s; TopK's choice
+        # is unchanged by a positive factor and ReLU is positively homogeneous.
+        with torch.no_grad():
+            self.b_enc.div_(scale)
+            self.b_dec.div_(scale)

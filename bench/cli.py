@@ -1,0 +1,86 @@
+"""The `dictbench` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dictbench import __version__
+from dictbench.errors import UserError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dictbench import runner, spec
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"out={args.out}")
+    resolved = spec.resolve(args.spec, args.preset, overrides)
+    if args.baseline:
+        resolved.baselines = [spec.BaselineEntry(method=ref) for ref in args.baseline]
+        spec.validate(resolved)
+    runner.run(resolved)
+    return 0
+
+
+def _cmd_list(_args: argparse.Namespace) -> int:
+    from dictbench import registry, spec
+
+    print("baselines: " + ", ".join(registry.baseline_names()))
+    print("tasks:     " + ", ".join(registry.task_names()))
+    print("presets:   " + ", ".join(spec.preset_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dictbench",
+        description="Train sparse autoencoders under one budget and score them with task modules.",
+    )
+    parser.add_argument("--version", action="version", version=f"dictbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser(
+        "run",
+        help="harvest activations, train the spec's SAEs, score them, print a leaderboard",
+        description="Run a spec end to end. With no SPEC and no --preset, runs the "
+        "'quickstart' preset.",
+    )
+    p_run.add_argument("spec", nargs="?", help="a run spec in YAML (may name a preset to extend)")
+    p_run.add_argument("--preset", help="start from this preset (see `dictbench list`)")
+    p_run.add_argument("--out", help="output folder (default runs/<spec name>)")
+    p_run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set budget.train_tokens=100000 (repeatable)",
+    )
+    p_run.add_argument(
+        "--baseline",
+        action="append",
+        metavar="NAME|MODULE:CLASS",
+        help="train this baseline instead of the spec's (repeatable)",
+    )
+    p_run.set_defaults(func=_cmd_run)
+
+    p_list = sub.add_parser(
+        "list", help="show registered baselines, tasks and presets", description="List registries."
+    )
+    p_list.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        print(f"dictbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dictbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

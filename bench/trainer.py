@@ -1,0 +1,232 @@
+"""One training loop for every baseline, so differences in results come from the methods.
+
+Every SAE in a run sees the same tokens in the same order: the order is a seeded
+permutation of the cached training tokens, independent of the method. The loop
+owns what is common (optimiser, learning-rate schedule, activation scaling, NaN
+guard, dead-latent tracking, budget accounting) and calls the baseline's optional
+hooks for what is method-specific.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dictbench.cache import ActivationStore
+from dictbench.spec import BudgetSpec
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainRecord:
+    steps: int
+    tokens: int
+    wall_seconds: float
+    flops_estimate: float
+    input_scale: float
+    final_terms: dict[str, float] = field(default_factory=dict)
+    train_frac_dead: float | None = None
+    train_dead_window_tokens: int = 0
+
+
+def token_order(store: ActivationStore, seed: int) -> np.ndarray:
+    """Flat indices (window * ctx + position) of the non-special training tokens, shuffled."""
+    ctx = store.acts.shape[1]
+    keep = np.flatnonzero(store.keep)
+    flat = (np.arange(store.acts.shape[0])[:, None] * ctx + keep[None, :]).reshape(-1)
+    return flat[np.random.default_rng([seed, 17]).permutation(len(flat))]
+
+
+def gather(store: ActivationStore, idx: np.ndarray) -> torch.Tensor:
+    flat = store.acts.reshape(-1, store.acts.shape[-1])
+    order = np.argsort(idx, kind="stable")  # sorted reads are sequential on the memmap
+    rows = np.empty((len(idx), flat.shape[1]), dtype=np.float32)
+    rows[order] = flat[idx[order]]
+    return torch.from_numpy(rows)
+
+
+@dataclass
+class SequenceBatch:
+    """Whole windows in sequence order, for objectives that run the model past the hook.
+
+    ``acts`` are in training units (scaled like token batches); ``keep`` marks the
+    positions an SAE replaces (special positions keep their activation).
+    """
+
+    acts: torch.Tensor  # [B, T, d]
+    token_ids: torch.Tensor  # [B, T]
+    keep: torch.Tensor  # [T] bool
+
+
+class DownstreamHandle:
+    """The subject model after the hook point, taking activations in training units."""
+
+    def __init__(self, subject: Any, hook: str, scale: float):
+        self.subject, self.hook, self.scale = subject, hook, scale
+        self.position = subject.stream_position(hook)
+
+    def logits(self, acts: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.subject.run_from(self.hook, acts / self.scale, token_ids)
+
+    def logits_and_residuals(
+        self, acts: torch.Tensor, token_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits plus the residual stream after every later layer (raw units)."""
+        resid: list[torch.Tensor] = []
+
+        def grab(_m: Any, _i: Any, out: Any) -> None:
+            resid.append(out[0] if isinstance(out, tuple) else out)
+
+        layers = self.subject.layers
+        handles = [layers[i].register_forward_hook(grab) for i in range(self.position, len(layers))]
+        try:
+            logits = self.logits(acts, token_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, resid
+
+    def params_after_hook(self) -> int:
+        layers = self.subject.layers
+        n = sum(
+            p.numel() for i in range(self.position, len(layers)) for p in layers[i].parameters()
+        )
+        head = self.subject.model.get_output_embeddings()
+        return n + (head.weight.numel() if head is not None else 0)
+
+
+def window_order(store: ActivationStore, seed: int) -> np.ndarray:
+    """Seeded order of whole training windows, shared by every sequence-batch method."""
+    return np.random.default_rng([seed, 23]).permutation(store.acts.shape[0])
+
+
+def activation_scale(store: ActivationStore, order: np.ndarray, n: int = 32768) -> float:
+    """The factor s with E||s x||^2 = d_in, from a fixed sample of training tokens."""
+    x = gather(store, order[: min(n, len(order))]).double()
+    return float(math.sqrt(x.shape[1] / x.pow(2).sum(-1).mean().item()))
+
+
+def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
+    warm = int(warmup_frac * total)
+    decay = int(decay_frac * total)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if decay and step >= total - decay:
+        return max(0.0, (total - step) / decay)
+    return 1.0
+
+
+def flops_per_token(sae: torch.nn.Module) -> float:
+    """6 FLOPs per matmul weight per token (forward 2, backward 4): the usual estimate."""
+    custom = getattr(sae, "flops_per_token", None)
+    if callable(custom):
+        return float(custom())
+    d_sae, d_in = sae.W_dec.shape
+    return 6.0 * 2 * d_in * d_sae
+
+
+def train(
+    sae: Any,
+    sae_id: str,
+    store: ActivationStore,
+    budget: BudgetSpec,
+    seed: int,
+    lr: float,
+    device: str = "cpu",
+    betas: tuple[float, float] = (0.9, 0.999),
+    grad_clip: float | None = None,
+    subject: Any = None,
+    hook: str = "",
+) -> TrainRecord:
+    order = token_order(store, seed)
+    scale = activation_scale(store, order) if budget.normalize_activations else 1.0
+    sequence_mode = bool(getattr(sae, "needs_downstream", False))
+    if sequence_mode:
+        if subject is None:
+            raise TrainingFailed(f"{sae_id}: this method needs the subject model past the hook")
+        keep_np = store.keep
+        kept = int(keep_np.sum())
+        seqs = max(1, budget.batch_size // kept)
+        per_step = seqs * kept
+        windows = window_order(store, seed)
+        keep_t = torch.from_numpy(keep_np).to(device)
+
+        def get_batch(step: int) -> Any:
+            idx = np.sort(windows[step * seqs : (step + 1) * seqs])
+            acts = torch.from_numpy(np.ascontiguousarray(store.acts[idx])).to(device) * scale
+            ids = torch.from_numpy(store.tokens[idx].astype(np.int64))
+            return SequenceBatch(acts, ids, keep_t)
+
+        sae.downstream = DownstreamHandle(subject, hook, scale)
+    else:
+        per_step = budget.batch_size
+
+        def get_batch(step: int) -> Any:
+            return gather(store, order[step * per_step : (step + 1) * per_step]).to(device) * scale
+
+    steps = budget.train_tokens // per_step
+    if steps * per_step > len(order):
+        raise TrainingFailed(
+            f"{sae_id}: the cache holds {len(order)} training tokens, the budget needs "
+            f"{steps * per_step}"
+        )
+    sae.to(device)
+    sample = gather(store, order[: min(8192, len(order))]).to(device) * scale
+    if hasattr(sae, "on_train_start"):
+        sae.on_train_start(steps, sample)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+    d_sae = sae.W_dec.shape[0]
+    dead_window_start = int(steps * 0.75)
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    terms: dict[str, float] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"train {sae_id}", unit="step", mininterval=2.0)
+    for step in bar:
+        batch = get_batch(step)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, steps, budget.lr_warmup_frac, budget.lr_decay_frac)
+        out = sae.loss(batch, step)
+        if not torch.isfinite(out.total):
+            raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        if hasattr(sae, "before_optimizer_step"):
+            sae.before_optimizer_step()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+        opt.step()
+        if hasattr(sae, "after_step"):
+            sae.after_step()
+        latents = getattr(out, "latents", None)
+        if step >= dead_window_start and latents is not None:
+            fired |= (latents > 0).any(0)
+        if step % 20 == 0 or step == steps - 1:
+            terms = {k: float(v) for k, v in out.terms.items()}
+            terms = {"total": float(out.total.detach()), **terms}
+            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
+    bar.close()
+    wall = time.perf_counter() - t0
+    window = (steps - dead_window_start) * per_step
+    has_latents = getattr(out, "latents", None) is not None
+    flops = flops_per_token(sae) * steps * per_step
+    if sequence_mode:
+        sae.downstream = None  # the handle holds the model; the trained SAE must not
+    return TrainRecord(
+        steps=steps,
+        tokens=steps * per_step,
+        wall_seconds=wall,
+        flops_estimate=flops,
+        input_scale=scale,
+        final_terms=terms,
+        train_frac_dead=float(1 - fired.float().mean()) if has_latents else None,
+        train_dead_window_tokens=window if has_latents else 0,
+    )

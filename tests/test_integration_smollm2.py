@@ -73,11 +73,31 @@ def test_harvest_never_runs_later_layers(smollm2: SubjectModel, prose_ids: torch
     assert calls[7:] == [0] * (smollm2.n_layers - 7)
 
 
-def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ, "DICTBENCH_CACHE": str(tmp_path / "cache")}
+def _readme_example() -> tuple[str, str]:
+    """The custom-baseline example of README.md: its Python file and its command."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Submitting your own method", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    command = section.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    return code, command
+
+
+def test_smoke_preset_with_the_readme_custom_baseline(tmp_path: Path) -> None:
+    """Runs README's "submit your own method" example exactly, on the smoke preset."""
+    code, command = _readme_example()
+    assert command.startswith("PYTHONPATH=. dictbench run")
+    (tmp_path / "mysae.py").write_text(code)
     out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "DICTBENCH_CACHE": str(tmp_path / "cache"),
+        # `dictbench` as installed next to this interpreter (make test does not activate).
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "dictbench.cli", "run", "--preset", "smoke", "--out", str(out)],
+        f"{command} --out {out}",
+        shell=True,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         env=env,
@@ -85,13 +105,51 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "total wall time" in proc.stdout
-    metrics: dict[str, float] = {}
-    for path in (out / "results" / "l1").glob("*.json"):
-        metrics.update(json.loads(path.read_text())["metrics"])
-    # Invariants any working SAE satisfies, whatever its exact quality.
-    assert metrics["ce_clean"] < metrics["ce_sae"] < metrics["ce_zero"]
-    assert 0.0 < metrics["ce_loss_recovered"] <= 1.0
-    assert 0.0 < metrics["fvu"] < 1.0
-    assert abs(metrics["explained_variance"] + metrics["fvu"] - 1.0) < 1e-9
-    assert 0.0 < metrics["l0"] < 1152
-    assert 2.0 < metrics["ce_clean"] < 4.5
+    for sae_id in ("mysae", "l1"):
+        metrics: dict[str, float] = {}
+        for path in (out / "results" / sae_id).glob("*.json"):
+            metrics.update(json.loads(path.read_text())["metrics"])
+        # Invariants any working SAE satisfies, whatever its exact quality.
+        assert metrics["ce_clean"] < metrics["ce_sae"] < metrics["ce_zero"], sae_id
+        assert 0.0 < metrics["ce_loss_recovered"] <= 1.0
+        assert 0.0 < metrics["fvu"] < 1.0
+        assert abs(metrics["explained_variance"] + metrics["fvu"] - 1.0) < 1e-9
+        assert 0.0 < metrics["l0"] < 1152
+        assert 2.0 < metrics["ce_clean"] < 4.5
+    cfg = json.loads((out / "saes" / "mysae" / "cfg.json").read_text())
+    assert cfg["baseline"] == "mysae:MySAE"
+
+
+def test_a_class_breaking_the_interface_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text(
+        "import torch\n"
+        "class Broken(torch.nn.Module):\n"
+        "    def encode(self, x): return x\n"
+        "    def decode(self, f): return f\n"
+        "    def forward(self, x): return x\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DICTBENCH_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dictbench.cli",
+            "run",
+            "--preset",
+            "smoke",
+            "--baseline",
+            "broken:Broken",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "dictbench: error: baselines[0].method: baseline 'broken:Broken' is missing "
+        "required method(s): loss"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -189,43 +189,47 @@ def train(
     dead_window_start = int(steps * 0.75)
     fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
     terms: dict[str, float] = {}
+    flops_tok = flops_per_token(sae)  # before the loop: e2e counts the model past the hook
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"train {sae_id}", unit="step", mininterval=2.0)
-    for step in bar:
-        batch = get_batch(step)
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, budget.lr_warmup_frac, budget.lr_decay_frac)
-        out = sae.loss(batch, step)
-        if not torch.isfinite(out.total):
-            raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        out.total.backward()
-        if hasattr(sae, "before_optimizer_step"):
-            sae.before_optimizer_step()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
-        opt.step()
-        if hasattr(sae, "after_step"):
-            sae.after_step()
-        latents = getattr(out, "latents", None)
-        if step >= dead_window_start and latents is not None:
-            fired |= (latents > 0).any(0)
-        if step % 20 == 0 or step == steps - 1:
-            terms = {k: float(v) for k, v in out.terms.items()}
-            terms = {"total": float(out.total.detach()), **terms}
-            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
-    bar.close()
+    try:
+        bar = tqdm(range(steps), desc=f"train {sae_id}", unit="step", mininterval=2.0)
+        for step in bar:
+            batch = get_batch(step)
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(
+                    step, steps, budget.lr_warmup_frac, budget.lr_decay_frac
+                )
+            out = sae.loss(batch, step)
+            if not torch.isfinite(out.total):
+                raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            out.total.backward()
+            if hasattr(sae, "before_optimizer_step"):
+                sae.before_optimizer_step()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+            opt.step()
+            if hasattr(sae, "after_step"):
+                sae.after_step()
+            latents = getattr(out, "latents", None)
+            if step >= dead_window_start and latents is not None:
+                fired |= (latents > 0).any(0)
+            if step % 20 == 0 or step == steps - 1:
+                terms = {k: float(v) for k, v in out.terms.items()}
+                terms = {"total": float(out.total.detach()), **terms}
+                bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
+        bar.close()
+    finally:
+        if sequence_mode:
+            sae.downstream = None  # the handle holds the model; the trained SAE must not
     wall = time.perf_counter() - t0
     window = (steps - dead_window_start) * per_step
     has_latents = getattr(out, "latents", None) is not None
-    flops = flops_per_token(sae) * steps * per_step
-    if sequence_mode:
-        sae.downstream = None  # the handle holds the model; the trained SAE must not
     return TrainRecord(
         steps=steps,
         tokens=steps * per_step,
         wall_seconds=wall,
-        flops_estimate=flops,
+        flops_estimate=flops_tok * steps * per_step,
         input_scale=scale,
         final_terms=terms,
         train_frac_dead=float(1 - fired.float().mean()) if has_latents else None,

@@ -153,3 +153,100 @@ def test_a_class_breaking_the_interface_is_refused(tmp_path: Path) -> None:
         "required method(s): loss"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def _write_docs(folder: Path, n_docs: int = 24, words: int = 600) -> None:
+    rng = np.random.default_rng(0)
+    vocab = (
+        "the people congress nation law year war peace trade state union government "
+        "public money work free country great new power right duty shall must"
+    ).split()
+    folder.mkdir(parents=True)
+    for i in range(n_docs):
+        text = " ".join(rng.choice(vocab, size=words))
+        (folder / f"doc{i:02d}.txt").write_text(text.capitalize() + ".")
+
+
+def test_local_model_folder_and_streamed_local_corpus(
+    tmp_path: Path, smollm2: SubjectModel
+) -> None:
+    """Any HF causal LM folder and any `datasets` corpus (here streamed local files)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2.tokenizer.tok
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    folder = tmp_path / "my-model"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    _write_docs(tmp_path / "docs")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"""
+name: local
+model: {{name: "{folder}"}}
+hook: resid_post.1
+corpus:
+  name: my-docs
+  data_files: ["{tmp_path}/docs/*.txt"]
+  streaming: true
+  eval_fraction: 0.3
+  ctx_len: 32
+budget: {{train_tokens: 2048, batch_size: 256, d_sae: 64}}
+eval: {{tokens: 512, downstream_tokens: 128, batch_tokens: 256}}
+baselines: [{{method: l1}}]
+tasks: [sparsity, reconstruction, shrinkage, downstream, dead_latents]
+cache_dir: {tmp_path}/cache
+"""
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dictbench.cli", "run", str(spec), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "results" / "l1" / "downstream.json").read_text())
+    assert record["context"]["model"] == str(folder)
+    # ceil(128 / 31 kept positions) = 5 windows of 32, each predicting at positions 1..30.
+    assert record["eval_tokens"] == 5 * 30
+    # A random tiny model predicts ~uniformly over SmolLM2's 49,152-token vocabulary.
+    assert abs(record["metrics"]["ce_clean"] - np.log(len(tok))) < 0.5
+
+
+def test_a_model_that_does_not_exist_is_one_clear_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DICTBENCH_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dictbench.cli",
+            "run",
+            "--preset",
+            "smoke",
+            "--set",
+            f"model.name={missing}",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dictbench: error: model.name:"), lines
+    assert not (tmp_path / "out").exists()

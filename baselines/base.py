@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dictbench.baselines.init import project_out_radial_grad, renormalise_rows_
+
 
 @dataclass
 class LossOutput:
@@ -95,6 +97,18 @@ class Baseline(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self.cfg, f.name) for f in fields(self.cfg)}
+
+
+class UnitNormDecoder:
+    """Mixin for methods whose paper keeps decoder rows at unit norm."""
+
+    W_dec: nn.Parameter
+
+    def before_optimizer_step(self) -> None:
+        project_out_radial_grad(self.W_dec)
+
+    def after_step(self) -> None:
+        renormalise_rows_(self.W_dec)
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

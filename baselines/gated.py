@@ -35,7 +35,12 @@ import torch
 from torch import nn
 
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
-from dictbench.baselines.init import geometric_median, unit_rows
+from dictbench.baselines.init import (
+    geometric_median,
+    project_out_radial_grad,
+    renormalise_rows_,
+    unit_rows,
+)
 from dictbench.registry import register_baseline
 
 
@@ -127,18 +132,12 @@ class GatedSAE(Baseline):
             self.b_dec.copy_(geometric_median(sample))
 
     def before_optimizer_step(self) -> None:
-        if not self.cfg.unit_norm_decoder:
-            return
-        # Keep only the gradient tangent to each unit row's sphere.
-        g = self.W_dec.grad
-        if g is not None:
-            w = self.W_dec.data
-            g.sub_((g * w).sum(-1, keepdim=True) * w)
+        if self.cfg.unit_norm_decoder:
+            project_out_radial_grad(self.W_dec)
 
     def after_step(self) -> None:
         if self.cfg.unit_norm_decoder:
-            with torch.no_grad():
-                self.W_dec.copy_(unit_rows(self.W_dec))
+            renormalise_rows_(self.W_dec)
 
     def flops_per_token(self) -> float:
         """Four dictionary-sized matmuls per token (gate and magnitude encoders, decoder,

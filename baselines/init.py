@@ -9,6 +9,21 @@ def unit_rows(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return w / w.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
+def project_out_radial_grad(w: torch.nn.Parameter) -> None:
+    """Keep only the gradient tangent to each (unit) row's sphere, so an optimiser step
+    turns decoder rows instead of changing their norms (which an L1 penalty would
+    otherwise exploit by shrinking f and growing W_dec)."""
+    g = w.grad
+    if g is not None:
+        g.sub_((g * w.data).sum(-1, keepdim=True) * w.data)
+
+
+@torch.no_grad()
+def renormalise_rows_(w: torch.nn.Parameter) -> None:
+    """Undo the small norm drift an optimiser step leaves after the projection."""
+    w.copy_(unit_rows(w))
+
+
 def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm; a robust centre for b_dec that outlier tokens cannot drag."""
     x = x.double()

@@ -37,7 +37,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
+from dictbench.baselines.base import (
+    Baseline,
+    BaselineConfig,
+    LossOutput,
+    UnitNormDecoder,
+    warmup_factor,
+)
 from dictbench.baselines.init import unit_rows
 from dictbench.registry import register_baseline
 
@@ -99,7 +105,7 @@ class JumpReLUConfig(BaselineConfig):
 
 
 @register_baseline
-class JumpReLUSAE(Baseline):
+class JumpReLUSAE(UnitNormDecoder, Baseline):
     name = "jumprelu"
     config_class = JumpReLUConfig
     sparsity_knob = "l0_coefficient"
@@ -154,16 +160,6 @@ class JumpReLUSAE(Baseline):
             self.input_rms = rms
         with torch.no_grad():
             self.log_threshold.fill_(math.log(self.cfg.init_threshold * self.input_rms))
-
-    def before_optimizer_step(self) -> None:
-        g = self.W_dec.grad
-        if g is not None:
-            w = self.W_dec.data
-            g.sub_((g * w).sum(-1, keepdim=True) * w)
-
-    def after_step(self) -> None:
-        with torch.no_grad():
-            self.W_dec.copy_(unit_rows(self.W_dec))
 
     def fold_input_scale(self, scale: float) -> None:
         # Pre-activations of x are those of scale * x divided by scale once both biases

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
+from dictbench.baselines.base import (
+    Baseline,
+    BaselineConfig,
+    LossOutput,
+    UnitNormDecoder,
+    warmup_factor,
+)
 from dictbench.baselines.init import geometric_median, unit_rows
 from dictbench.registry import register_baseline
 
@@ -27,7 +33,7 @@ class L1Config(BaselineConfig):
 
 
 @register_baseline
-class L1SAE(Baseline):
+class L1SAE(UnitNormDecoder, Baseline):
     name = "l1"
     config_class = L1Config
     sparsity_knob = "l1_coefficient"
@@ -60,18 +66,6 @@ class L1SAE(Baseline):
         super().on_train_start(total_steps, sample)
         with torch.no_grad():
             self.b_dec.copy_(geometric_median(sample))
-
-    def before_optimizer_step(self) -> None:
-        # Remove the gradient component parallel to each (unit) decoder row, so the
-        # step moves along the sphere instead of changing the row's norm.
-        g = self.W_dec.grad
-        if g is not None:
-            w = self.W_dec.data
-            g.sub_((g * w).sum(-1, keepdim=True) * w)
-
-    def after_step(self) -> None:
-        with torch.no_grad():
-            self.W_dec.copy_(unit_rows(self.W_dec))
 
     def fold_input_scale(self, scale: float) -> None:
         # ReLU is positively homogeneous: dividing both biases by `scale` makes the

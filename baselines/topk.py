@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dictbench.baselines.auxk import auxk_loss
-from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput
+from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, UnitNormDecoder
 from dictbench.baselines.init import geometric_median, unit_rows
 from dictbench.registry import register_baseline
 
@@ -38,7 +38,7 @@ class TopKConfig(BaselineConfig):
 
 
 @register_baseline
-class TopKSAE(Baseline):
+class TopKSAE(UnitNormDecoder, Baseline):
     name = "topk"
     config_class = TopKConfig
     sparsity_knob = "k"
@@ -100,17 +100,6 @@ class TopKSAE(Baseline):
         super().on_train_start(total_steps, sample)
         with torch.no_grad():
             self.b_dec.copy_(geometric_median(sample))
-
-    def before_optimizer_step(self) -> None:
-        # Remove the gradient component parallel to each unit decoder row (as l1).
-        g = self.W_dec.grad
-        if g is not None:
-            w = self.W_dec.data
-            g.sub_((g * w).sum(-1, keepdim=True) * w)
-
-    def after_step(self) -> None:
-        with torch.no_grad():
-            self.W_dec.copy_(unit_rows(self.W_dec))
 
     def fold_input_scale(self, scale: float) -> None:
         # pre(s x) = s * pre_folded(x) once both biases are divided by s; TopK's choice

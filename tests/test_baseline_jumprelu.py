@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from synthetic_sparse import D, M, explained_variance_and_l0, sparse_data, sparse_store
 
 from dictbench.baselines.jumprelu import JumpReLUConfig, JumpReLUFn, JumpReLUSAE, StepFn
-from dictbench.cache import ActivationStore
 from dictbench.registry import get_baseline
 from dictbench.sae_io import load_sae, save_sae
 from dictbench.spec import BudgetSpec
@@ -258,35 +258,6 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 # --- a short training run ------------------------------------------------------------------
-
-D, M, ACTIVE, CTX = 64, 128, 5, 33
-
-
-def sparse_data(n: int, seed: int) -> np.ndarray:
-    """Sparse non-negative combinations of M fixed random unit directions, ACTIVE per row."""
-    dirs = np.random.default_rng(1234).normal(size=(M, D))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    rng = np.random.default_rng(seed)
-    codes = np.zeros((n, M))
-    idx = np.argsort(rng.random((n, M)), axis=1)[:, :ACTIVE]
-    np.put_along_axis(codes, idx, rng.uniform(0.5, 1.5, size=(n, ACTIVE)), axis=1)
-    return (codes @ dirs).astype(np.float32)
-
-
-def sparse_store(tmp_path, n_tokens: int) -> ActivationStore:
-    n_win = -(-n_tokens // (CTX - 1))
-    acts = sparse_data(n_win * CTX, seed=0).reshape(n_win, CTX, D)
-    acts[:, 0] = 1e4  # the special position: training on it would wreck everything
-    tokens = np.zeros((n_win, CTX), np.int32)
-    return ActivationStore(tmp_path, acts, tokens, np.zeros(D, np.float32), {})
-
-
-def explained_variance_and_l0(sae, x: torch.Tensor) -> tuple[float, float]:
-    with torch.no_grad():
-        f = sae.encode(x)
-        x_hat = sae.decode(f)
-    fvu = (x - x_hat).double().pow(2).sum() / (x - x.mean(0)).double().pow(2).sum()
-    return 1 - float(fvu), float((f != 0).double().sum(-1).mean())
 
 
 def test_training_on_sparse_synthetic_data(tmp_path):

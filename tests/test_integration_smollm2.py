@@ -23,6 +23,17 @@ from dictbench.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
 pytestmark = pytest.mark.slow
 
 
+def _dictbench(args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "dictbench.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="module")
 def smollm2() -> SubjectModel:
     return SubjectModel.load(ModelSpec(name=EMBEDDED_MODEL))
@@ -129,24 +140,16 @@ def test_a_class_breaking_the_interface_is_refused(tmp_path: Path) -> None:
         "    def forward(self, x): return x\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "DICTBENCH_CACHE": str(tmp_path / "c")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dictbench.cli",
-            "run",
-            "--preset",
-            "smoke",
-            "--baseline",
-            "broken:Broken",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    args = [
+        "run",
+        "--preset",
+        "smoke",
+        "--baseline",
+        "broken:Broken",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    proc = _dictbench(args, env, 120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "dictbench: error: baselines[0].method: baseline 'broken:Broken' is missing "
@@ -209,13 +212,7 @@ cache_dir: {tmp_path}/cache
     )
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "dictbench.cli", "run", str(spec), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = _dictbench(["run", str(spec), "--out", str(out)], env, 300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((out / "results" / "l1" / "downstream.json").read_text())
     assert record["context"]["model"] == str(folder)
@@ -228,11 +225,8 @@ cache_dir: {tmp_path}/cache
 def test_a_model_that_does_not_exist_is_one_clear_line(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DICTBENCH_CACHE": str(tmp_path / "c")}
-    proc = subprocess.run(
+    proc = _dictbench(
         [
-            sys.executable,
-            "-m",
-            "dictbench.cli",
             "run",
             "--preset",
             "smoke",
@@ -241,10 +235,8 @@ def test_a_model_that_does_not_exist_is_one_clear_line(tmp_path: Path) -> None:
             "--out",
             str(tmp_path / "out"),
         ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
+        env,
+        120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
 
 from dictbench import __version__
@@ -67,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         "list", help="show registered baselines, tasks and presets", description="List registries."
     )
     p_list.set_defaults(func=_cmd_list)
+
+    from dictbench import commands
+
+    for mod_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"dictbench.commands.{mod_info.name}").register(sub)
     return parser
 
 

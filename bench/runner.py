@@ -23,7 +23,7 @@ from dictbench.records import write_record
 from dictbench.sae_io import save_sae
 from dictbench.spec import BaselineEntry, RunSpec
 from dictbench.subject import SubjectModel
-from dictbench.tasks.base import TaskEnv, TokenTask
+from dictbench.tasks.base import TaskEnv, TaskSkipped, TokenTask
 from dictbench.trainer import TrainingFailed, train
 
 
@@ -163,31 +163,8 @@ def run(spec: RunSpec) -> Path:
         "eval": {"path": str(eval_store.path), "reused": eval_store.reused},
     }
 
-    options = {k: dict(v) for k, v in spec.task_options.items()}
-    options.setdefault("downstream", {}).setdefault("max_tokens", spec.eval.downstream_tokens)
-    env = TaskEnv(
-        eval_acts=eval_store.acts,
-        eval_token_ids=eval_store.tokens,
-        keep_positions=eval_store.keep,
-        train_mean=train_store.mean,
-        hook=spec.hook,
-        subject=subject,
-        seed=spec.seed,
-        device=subject.device,
-        batch_tokens=spec.eval.batch_tokens,
-        options=options,
-    )
-    context = {
-        "run": spec.name,
-        "model": spec.model.name,
-        "model_fingerprint": subject.fingerprint(),
-        "hook": spec.hook,
-        "corpus": spec.corpus.identity(),
-        "ctx_len": spec.corpus.ctx_len,
-        "eval_cache": eval_store.meta["fingerprint"],
-        "eval_split_tokens": eval_store.n_tokens,
-        "seed": spec.seed,
-    }
+    env = build_env(spec, subject, train_store.mean, eval_store)
+    context = record_context(spec, subject, eval_store)
     tasks = [registry.get_task(name)() for name in spec.tasks]
     timings["saes"] = {}
     failed: list[str] = []
@@ -202,6 +179,75 @@ def run(spec: RunSpec) -> Path:
     log(table(out))
     log(f"\nresults in {out}; total wall time {timings['total_s']:.1f} s")
     return out
+
+
+def build_env(
+    spec: RunSpec, subject: SubjectModel | None, train_mean: Any, eval_store: Any
+) -> TaskEnv:
+    """The held-out data and settings every task sees, from a spec and its caches."""
+    options = {k: dict(v) for k, v in spec.task_options.items()}
+    options.setdefault("downstream", {}).setdefault("max_tokens", spec.eval.downstream_tokens)
+    return TaskEnv(
+        eval_acts=eval_store.acts,
+        eval_token_ids=eval_store.tokens,
+        keep_positions=eval_store.keep,
+        train_mean=train_mean,
+        hook=spec.hook,
+        subject=subject,
+        seed=spec.seed,
+        device=subject.device if subject is not None else "cpu",
+        batch_tokens=spec.eval.batch_tokens,
+        options=options,
+    )
+
+
+def record_context(spec: RunSpec, subject: SubjectModel | None, eval_store: Any) -> dict[str, Any]:
+    """What every result record says about where it came from; the leaderboard refuses
+    to compare records whose context differs."""
+    return {
+        "run": spec.name,
+        "model": spec.model.name,
+        "model_fingerprint": subject.fingerprint() if subject is not None else None,
+        "hook": spec.hook,
+        "corpus": spec.corpus.identity(),
+        "ctx_len": spec.corpus.ctx_len,
+        "eval_cache": eval_store.meta["fingerprint"],
+        "eval_split_tokens": eval_store.n_tokens,
+        "seed": spec.seed,
+    }
+
+
+def score_sae(
+    sae: torch.nn.Module,
+    sae_id: str,
+    method: str,
+    tasks: list[Any],
+    env: TaskEnv,
+    out: Path,
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    """Run every task on one SAE and write one record per task. Token tasks that agree
+    on their evaluation window share one encode/decode pass. A task that raises
+    ``TaskSkipped`` is reported in one line and leaves no record."""
+    token_tasks = [task for task in tasks if isinstance(task, TokenTask)]
+    other = [task for task in tasks if not isinstance(task, TokenTask)]
+    by_window: dict[Any, list[Any]] = {}
+    for task in token_tasks:
+        by_window.setdefault(task.max_tokens(env), []).append(task)
+    results = {}
+    for window, group in by_window.items():
+        accs = [task.accumulator(sae, env) for task in group]
+        for task, res in zip(group, env.token_pass(sae, accs, window), strict=True):
+            results[task.name] = res
+    for task in other:
+        log(f"scoring {sae_id}: {task.name} ...")
+        try:
+            results[task.name] = task.run(sae, env)
+        except TaskSkipped as e:
+            log(f"skipping task {task.name} for {sae_id}: {e}")
+    for name, res in results.items():
+        write_record(out, sae_id, method, name, res.metrics, res.details, res.eval_tokens, context)
+    return results
 
 
 def _train_and_score(
@@ -259,23 +305,6 @@ def _train_and_score(
     write_record(out, p.sae_id, p.method, "training", train_metrics, training, rec.tokens, context)
 
     t = time.perf_counter()
-    token_tasks = [task for task in tasks if isinstance(task, TokenTask)]
-    other = [task for task in tasks if not isinstance(task, TokenTask)]
-    # Token tasks share one encode/decode pass when they agree on the window.
-    by_window: dict[Any, list[Any]] = {}
-    for task in token_tasks:
-        by_window.setdefault(task.max_tokens(env), []).append(task)
-    results = {}
-    for window, group in by_window.items():
-        accs = [task.accumulator(sae, env) for task in group]
-        for task, res in zip(group, env.token_pass(sae, accs, window), strict=True):
-            results[task.name] = res
-    for task in other:
-        log(f"scoring {p.sae_id}: {task.name} ...")
-        results[task.name] = task.run(sae, env)
-    for name, res in results.items():
-        write_record(
-            out, p.sae_id, p.method, name, res.metrics, res.details, res.eval_tokens, context
-        )
+    score_sae(sae, p.sae_id, p.method, tasks, env, out, context)
     timings["saes"][p.sae_id] = {"train_s": rec.wall_seconds, "eval_s": time.perf_counter() - t}
     return True

@@ -76,6 +76,11 @@ class TaskEnv:
         return [acc.result() for acc in accumulators]
 
 
+class TaskSkipped(Exception):
+    """Raised by a task that cannot run in this setting (no judge configured, no
+    subject model); the message is shown to the user in one line and the run goes on."""
+
+
 class Task:
     name: ClassVar[str] = ""
     needs_subject: ClassVar[bool] = False

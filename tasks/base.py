@@ -43,6 +43,9 @@ class TaskEnv:
     device: str = "cpu"
     batch_tokens: int = 8192
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Results that do not depend on the SAE (e.g. the clean and ablated CE losses), kept
+    # so that a run scoring many SAEs computes them once; tasks own their keys.
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def task_options(self, task: str) -> dict[str, Any]:
         return dict(self.options.get(task, {}))

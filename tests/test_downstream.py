@@ -18,7 +18,7 @@ from dictbench.tasks.base import TaskEnv
 from dictbench.tasks.downstream import Downstream
 
 HOOK = "resid_post.1"
-N_SEQ, CTX = 5, 10  # 5 sequences: batches of 2, 2 and 1 with the default seqs_per_batch
+N_SEQ, CTX = 5, 10  # 5 sequences: batches of 4 and 1 with the default seqs_per_batch
 
 _OFFSET = torch.randn(32, generator=torch.Generator().manual_seed(11))
 PERTURBATIONS = {
@@ -201,16 +201,17 @@ def test_special_position_keeps_its_activation(tiny_llama, ds_ids, ds_train_mean
     # the clean model's in every variant.
     with torch.no_grad():
         clean_logits = tiny_llama.logits(ds_ids)
+    # Each call stacks two variants: (clean, SAE) per SAE, then (zero, mean) once per run.
     start = 0
     for acts, logits in calls:
-        b = acts.shape[0] // 4
+        b = acts.shape[0] // 2
         x0 = torch.from_numpy(env.eval_acts[start : start + b, 0])
-        for v in range(4):
+        for v in range(2):
             assert torch.equal(acts[v * b : (v + 1) * b, 0], x0)
             pos0 = logits[v * b : (v + 1) * b, 0]
             assert (pos0 - clean_logits[start : start + b, 0]).abs().max() < 1e-5
-        start += b
-    assert start == N_SEQ
+        start = (start + b) % N_SEQ
+    assert len(calls) == 4  # 2 batches for the SAE pass + 2 for the ablation pass
 
 
 def test_max_tokens_limits_whole_sequences(tiny_llama, ds_ids, ds_train_mean):
@@ -232,3 +233,24 @@ def test_batching_does_not_change_results(tiny_llama, ds_ids, ds_train_mean, seq
     m = Downstream().run(FnSAE(fn), env).metrics
     for k in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl"):
         assert abs(m[k] - base[k]) < 1e-5, k
+
+
+def test_ablation_losses_are_computed_once_per_env(tiny_llama, ds_ids, ds_train_mean, monkeypatch):
+    """A second SAE in the same run reuses ce_zero / ce_mean and only pays for its own pass."""
+    env = make_env(tiny_llama, ds_ids, ds_train_mean)
+    real_run_from = tiny_llama.run_from
+    rows: list[int] = []
+
+    def counting_run_from(hook, acts, ids):
+        rows.append(acts.shape[0])
+        return real_run_from(hook, acts, ids)
+
+    monkeypatch.setattr(tiny_llama, "run_from", counting_run_from)
+    first = Downstream().run(FnSAE(lambda f: 0.5 * f), env).metrics
+    after_first = sum(rows)
+    second = Downstream().run(FnSAE(torch.zeros_like), env).metrics
+    assert after_first == 4 * N_SEQ  # clean + SAE, then zero + mean
+    assert sum(rows) - after_first == 2 * N_SEQ  # clean + SAE only
+    assert second["ce_zero"] == first["ce_zero"] and second["ce_mean"] == first["ce_mean"]
+    # The memo is right, not just reused: the zero SAE's own spliced loss equals ce_zero.
+    assert abs(second["ce_sae"] - second["ce_zero"]) < 1e-5

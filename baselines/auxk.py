@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
+
 
 def auxk_loss(
     pre: torch.Tensor,
@@ -38,4 +40,36 @@ def auxk_loss(
     e_hat = z_aux @ W_dec
     num = (e - e_hat).pow(2).sum(-1).mean()
     den = (e - e.mean(0)).pow(2).sum(-1).mean()
+    return _normalised(num, den)
+
+
+def _normalised(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0 * num)
+
+
+def sparse_auxk_loss(
+    pre: torch.Tensor,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    dead: torch.Tensor,
+    k_aux: int,
+    sae: torch.nn.Module,
+) -> torch.Tensor:
+    """``auxk_loss`` computed from the chosen dead pairs only (baselines/sparse_ops.py).
+
+    ``pre`` here has no graph: gradients reach ``sae``'s ``W_enc``, ``b_enc``, ``b_dec``
+    and ``W_dec`` through the selected pairs, exactly where the dense version sends them.
+    """
+    k = min(int(k_aux), int(dead.sum()))
+    if k <= 0:
+        return pre.new_zeros(())
+    e = residual.detach()
+    n = pre.shape[0]
+    with torch.no_grad():
+        cols = pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1).indices.reshape(-1)
+    rows = torch.arange(n, device=pre.device).repeat_interleave(k)
+    vals = torch.relu(selected_preacts(pre, x, sae.b_dec, sae.W_enc, sae.b_enc, rows, cols))
+    e_hat = sparse_decode(rows, cols, vals, sae.W_dec, n)
+    num = (e - e_hat).pow(2).sum(-1).mean()
+    den = (e - e.mean(0)).pow(2).sum(-1).mean()
+    return _normalised(num, den)

@@ -52,6 +52,13 @@ class BatchTopKSAE(TopKSAE):
         vals, idx = flat.topk(min(int(self.cfg.k * n_tokens), flat.numel()))
         return torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts)
 
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs ``sparsify`` keeps in training mode, grouped by token."""
+        flat = torch.relu(pre).reshape(-1)
+        n_keep = min(int(self.cfg.k * pre.shape[0]), flat.numel())
+        idx = flat.topk(n_keep).indices.sort().values  # row-major: grouped by token
+        return idx // pre.shape[-1], idx % pre.shape[-1]
+
     def observe(self, z: torch.Tensor) -> None:
         super().observe(z)
         # Smallest positive kept activation; a batch with none leaves the EMA alone.

@@ -6,6 +6,11 @@ some), so the loss is reconstruction only, plus AuxK (baselines/auxk.py) to revi
 latents that stopped firing. Decoder rows are kept at unit norm as in the paper;
 with no penalty on z this is not needed against penalty-dodging, but it fixes the
 scale of each latent so activations are comparable across latents.
+
+Training uses the sparse kernels of baselines/sparse_ops.py: after the one dense
+matmul that ranks the latents, the decoder and every gradient touch only the kept
+(token, latent) pairs, so a step at fixed k grows far slower than d_sae. ``encode``
+and ``decode`` stay dense: they are the reference the sparse path is tested against.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dictbench.baselines.auxk import auxk_loss
+from dictbench.baselines.auxk import sparse_auxk_loss
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, UnitNormDecoder
 from dictbench.baselines.init import geometric_median, unit_rows
+from dictbench.baselines.sparse_ops import dense_latents, selected_preacts, sparse_decode
 from dictbench.registry import register_baseline
 
 
@@ -63,6 +69,13 @@ class TopKSAE(UnitNormDecoder, Baseline):
         vals, idx = pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1)
         return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
 
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (token, latent) pairs ``sparsify`` keeps, flat and grouped by token."""
+        k = min(self.cfg.k, pre.shape[-1])
+        idx = pre.topk(k, dim=-1).indices
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        return rows, idx.reshape(-1)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sparsify(self.pre_acts(x))
 
@@ -84,17 +97,22 @@ class TopKSAE(UnitNormDecoder, Baseline):
         self.tokens_since_fired.masked_fill_((flat > 0).any(0), 0)
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        pre = self.pre_acts(batch)
-        z = self.sparsify(pre)
-        x_hat = self.decode(z)
+        n = batch.shape[0]
+        with torch.no_grad():
+            pre = self.pre_acts(batch)  # ranks the latents; gradients come from the pairs
+            rows, cols = self.select(pre)
+        kept = selected_preacts(pre, batch, self.b_dec, self.W_enc, self.b_enc, rows, cols)
+        vals = torch.relu(kept)
+        x_hat = sparse_decode(rows, cols, vals, self.W_dec, n) + self.b_dec
         mse = (x_hat - batch).pow(2).sum(-1).mean()
+        z = dense_latents(rows, cols, vals, n, self.cfg.d_sae)
         if self.training:
             with torch.no_grad():
                 self.observe(z)
         # A latent firing in this batch is not dead (the counts above include it).
-        aux = auxk_loss(pre, batch - x_hat, self.dead_mask(), self.k_aux, self.W_dec)
+        aux = sparse_auxk_loss(pre, batch, batch - x_hat, self.dead_mask(), self.k_aux, self)
         total = mse + self.cfg.aux_coefficient * aux
-        return LossOutput(total, {"mse": mse.detach(), "auxk": aux.detach()}, z.detach())
+        return LossOutput(total, {"mse": mse.detach(), "auxk": aux.detach()}, z)
 
     def on_train_start(self, total_steps: int, sample: torch.Tensor) -> None:
         super().on_train_start(total_steps, sample)

@@ -8,7 +8,10 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dictbench-installed
 
-.PHONY: setup quickstart smoke test lint clean
+.PHONY: setup quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
+
+# Committed reference runs: every results/<run>/ folder that has a run.json.
+REFERENCE_RUNS = $(sort $(patsubst %/run.json,%,$(wildcard results/*/run.json)))
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +33,35 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check bench baselines tasks tests
 	$(BIN)/python -m pytest -q
+
+# Regression gate: the smoke preset, then `dictbench check` against the committed reference.
+check-smoke: $(STAMP)
+	rm -rf runs/smoke-check
+	$(BIN)/dictbench run --preset smoke --out runs/smoke-check
+	$(BIN)/dictbench check runs/smoke-check --reference results/reference-smoke
+
+# The quickest regression check of every local baseline: synthetic data with a known
+# dictionary (about 35 s), against results/reference-synthetic.
+check-synthetic: $(STAMP)
+	rm -rf runs/synthetic-check
+	$(BIN)/dictbench run --preset synthetic --out runs/synthetic-check
+	$(BIN)/dictbench check runs/synthetic-check --reference results/reference-synthetic
+
+# results/LEADERBOARD.md and results/plots/<run>/ from the committed records (seconds).
+results: $(STAMP)
+	$(BIN)/dictbench leaderboard --per-run --format markdown --plots results/plots \
+		--output results/LEADERBOARD.md $(REFERENCE_RUNS)
+
+# Re-record the smoke reference (records, run.json, cfg.json; weights are not committed).
+reference-smoke: $(STAMP)
+	rm -rf results/reference-smoke
+	$(BIN)/dictbench run --preset smoke --out results/reference-smoke
+	rm -rf results/reference-smoke/saes/*/sae_weights.safetensors results/reference-smoke/checkpoints
+
+reference-synthetic: $(STAMP)
+	rm -rf results/reference-synthetic
+	$(BIN)/dictbench run --preset synthetic --out results/reference-synthetic
+	rm -rf results/reference-synthetic/saes/*/sae_weights.safetensors results/reference-synthetic/checkpoints
 
 lint: $(STAMP)
 	$(BIN)/ruff check bench baselines tasks tests

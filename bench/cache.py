@@ -3,7 +3,10 @@
 A cache entry is a folder named by a fingerprint of everything that determines its
 contents (model, hook point, corpus split, context length, token count, seed). It
 is built in a temporary folder and renamed into place only when complete, so a
-killed harvest never leaves an entry that looks usable.
+killed harvest never leaves an entry that looks usable. Opening an entry checks it
+against its meta.json (shapes, dtypes, file sizes, fingerprint, SHA-256 of every
+file, or of a fixed sample of activation windows for entries over 2 GiB): a damaged
+entry is rebuilt, one written for another fingerprint is refused.
 """
 
 from __future__ import annotations
@@ -20,10 +23,63 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dictbench import atomic
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - no fcntl on Windows: abandoned folders stay
+    fcntl = None  # type: ignore[assignment]
+
+from dictbench import atomic, faults
 from dictbench.corpus import CorpusSpec, keep_positions, make_windows
+from dictbench.errors import UserError
 
 CACHE_FORMAT = 1
+HARVEST_LOCK = ".harvesting"
+# acts.npy is hashed in full up to this size (about 1-4 s of SHA-256 per open on a
+# laptop-class CPU; the quickstart's training entry is 1.2 GB). Larger entries hash a
+# fixed sample of windows: cheap to re-check on every open, and any truncation or
+# resize is still caught by the shape and file-size checks.
+FULL_HASH_MAX_BYTES = 2 << 30
+SAMPLE_WINDOWS = 64
+IDENT_KEYS = ("format", "model", "hook", "corpus", "part", "ctx_len", "n_windows", "seed")
+
+
+class CacheDamaged(ValueError):
+    """An entry whose files do not match what its meta.json promises; rebuilt, never used."""
+
+
+def _ident_digest(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _acts_sha256(acts: np.ndarray) -> str:
+    h = hashlib.sha256()
+    step = max(1, (64 << 20) // max(1, acts[0].nbytes))  # ~64 MB at a time
+    for s in range(0, acts.shape[0], step):
+        h.update(np.ascontiguousarray(acts[s : s + step]).data)
+    return h.hexdigest()
+
+
+def _acts_checksums(acts: np.ndarray) -> dict[str, Any]:
+    if acts.nbytes <= FULL_HASH_MAX_BYTES:
+        return {"acts": _acts_sha256(acts)}
+    return {"acts_sample": _acts_sample_sha256(acts), "acts_sample_windows": SAMPLE_WINDOWS}
+
+
+def _acts_sample_sha256(acts: np.ndarray) -> str:
+    n = acts.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, SAMPLE_WINDOWS)).round().astype(np.int64))
+    h = hashlib.sha256(idx.tobytes())
+    for i in idx:
+        h.update(np.ascontiguousarray(acts[i]).tobytes())
+    return h.hexdigest()
 
 
 def default_cache_root() -> Path:
@@ -43,8 +99,7 @@ def fingerprint(
         "n_windows": n_windows,
         "seed": seed,
     }
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
-    return digest, ident
+    return _ident_digest(ident), ident
 
 
 @dataclass
@@ -67,15 +122,107 @@ class ActivationStore:
         return int(self.acts.shape[0] * self.keep.sum())
 
     @classmethod
-    def open(cls, path: Path, reused: bool = False) -> ActivationStore:
-        meta = json.loads((path / "meta.json").read_text())
-        acts = np.load(path / "acts.npy", mmap_mode="r")
-        tokens = np.load(path / "tokens.npy")
-        mean = np.load(path / "mean.npy")
-        expected = (meta["n_windows"], meta["ctx_len"], meta["d_model"])
-        if acts.shape != expected or acts.dtype != np.float32:
-            raise ValueError(f"activation cache {path} has shape {acts.shape}, expected {expected}")
+    def open(
+        cls,
+        path: Path,
+        reused: bool = False,
+        expect: tuple[str, dict[str, Any]] | None = None,
+        checksums: bool = True,
+    ) -> ActivationStore:
+        """Open and verify an entry. ``CacheDamaged`` if its files are not what meta.json
+        promises; ``UserError`` if ``expect`` (fingerprint, identity) names another entry.
+        ``checksums=False`` skips re-hashing (for an entry this process just wrote)."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("meta.json is not a JSON object")
+            ident = {k: meta[k] for k in IDENT_KEYS}
+            fp = meta["fingerprint"]
+            expected = (int(meta["n_windows"]), int(meta["ctx_len"]), int(meta["d_model"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheDamaged(f"meta.json unreadable ({type(e).__name__}: {e})") from e
+        if _ident_digest(ident) != fp:
+            raise CacheDamaged("meta.json does not match its own fingerprint")
+        want = None if expect is None else json.loads(json.dumps(expect[1]))  # tuples -> lists
+        if expect is not None and (fp != expect[0] or ident != want):
+            changed = sorted(k for k in IDENT_KEYS if ident.get(k) != want.get(k))
+            raise UserError(
+                f"activation cache {path}: holds fingerprint {fp} (differs in "
+                f"{', '.join(changed) or 'fingerprint'}), this run needs {expect[0]}; "
+                "remove that folder or set cache_dir elsewhere"
+            )
+        try:
+            acts = np.load(path / "acts.npy", mmap_mode="r")
+            tokens = np.load(path / "tokens.npy", allow_pickle=False)
+            mean = np.load(path / "mean.npy", allow_pickle=False)
+        except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CacheDamaged(f"cannot read its arrays ({type(e).__name__}: {first})") from e
+        checks = [
+            ("acts.npy", acts.shape == expected and acts.dtype == np.float32),
+            ("acts.npy size", os.path.getsize(path / "acts.npy") == acts.offset + acts.nbytes),
+            ("tokens.npy", tokens.shape == expected[:2] and tokens.dtype == np.int32),
+            ("mean.npy", mean.shape == expected[2:] and mean.dtype == np.float32),
+        ]
+        sums = meta.get("checksums")  # absent in entries written before checksums existed
+        if checksums and isinstance(sums, dict):
+            checks += [
+                ("tokens.npy checksum", _file_sha256(path / "tokens.npy") == sums.get("tokens")),
+                ("mean.npy checksum", _file_sha256(path / "mean.npy") == sums.get("mean")),
+            ]
+            if "acts" in sums:
+                checks.append(("acts.npy checksum", _acts_sha256(acts) == sums["acts"]))
+            else:
+                sample = _acts_sample_sha256(acts) == sums.get("acts_sample")
+                checks.append(("acts.npy sampled checksum", sample))
+        bad = [name for name, ok in checks if not ok]
+        if bad:
+            raise CacheDamaged(f"{', '.join(bad)} do not match meta.json")
         return cls(path, acts, tokens, mean, meta, reused)
+
+
+def _hold_harvest_lock(tmp: Path) -> int | None:
+    """flock a file inside a harvest's temporary folder for as long as the harvest runs:
+    the kernel drops it when the process dies, which marks the folder as abandoned."""
+    if fcntl is None:
+        return None
+    fd = os.open(tmp / HARVEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_abandoned_harvests(root: Path, prefix: str, log: Any) -> None:
+    """Delete temporary harvest folders of this entry whose process died mid-harvest.
+
+    Folders without the lock file (or where it is still held) are left alone: they
+    may belong to a harvest that is running right now.
+    """
+    if fcntl is None or not root.is_dir():
+        return
+    for tmp in root.glob(prefix + "*"):
+        lock = tmp / HARVEST_LOCK
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+        log(f"activation cache: removed {tmp}, left by a harvest that was interrupted")
+
+
+def _discard(entry: Path) -> None:
+    """Move a damaged entry out of the way, then delete it (another process may race us)."""
+    aside = entry.parent / f".damaged-{entry.name}-{os.getpid()}"
+    try:
+        os.replace(entry, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @dataclass
@@ -108,30 +255,26 @@ def prepare(
     n_windows = -(-n_tokens // int(keep.sum()))
     fp, ident = fingerprint(subject.fingerprint(), hook, corpus, part, n_windows, seed)
     final = root / f"{part}-{fp}"
-    if (final / "meta.json").exists():
-        log(f"activation cache: reusing {part} activations at {final} (fingerprint {fp})")
-        return ActivationStore.open(final, reused=True)
+    if final.exists():
+        try:
+            store = ActivationStore.open(final, reused=True, expect=(fp, ident))
+        except CacheDamaged as e:
+            log(f"activation cache: {final} is damaged ({e}); rebuilding it")
+            _discard(final)
+        else:
+            log(f"activation cache: reusing {part} activations at {final} (fingerprint {fp})")
+            return store
     tokens = make_windows(subject.tokenizer, corpus, part, n_windows, seed)
     return PendingHarvest(final, fp, ident, tokens, part)
 
 
-def run_harvest(
-    subject: Any,
-    hook: str,
-    pending: ActivationStore | PendingHarvest,
-    batch_windows: int = 16,
-    log: Any = print,
-) -> ActivationStore:
-    if isinstance(pending, ActivationStore):
-        return pending
-    tokens, part, final, fp = pending.tokens, pending.part, pending.final, pending.fingerprint
+def _fill_entry(
+    tmp: Path, subject: Any, hook: str, pending: PendingHarvest, batch_windows: int
+) -> None:
+    """Harvest into the temporary folder ``tmp``: arrays, fsync, then meta.json last."""
+    tokens, part, fp = pending.tokens, pending.part, pending.fingerprint
     n_windows, ctx = tokens.shape
     keep = keep_positions(ctx)
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{part}-{fp}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     d = subject.d_model
     acts = np.lib.format.open_memmap(
         tmp / "acts.npy", mode="w+", dtype=np.float32, shape=(n_windows, ctx, d)
@@ -151,8 +294,10 @@ def run_harvest(
             acts[start : start + len(ids)] = out
             total += out[:, keep].sum(axis=(0, 1), dtype=np.float64)
             bar.update(ids.numel())
+            faults.point(f"harvest:{part}:batch={start // batch_windows}")
     bar.close()
     acts.flush()
+    acts_sums = _acts_checksums(acts)
     del acts
     np.save(tmp / "tokens.npy", tokens)
     np.save(tmp / "mean.npy", (total / (n_windows * keep.sum())).astype(np.float32))
@@ -164,15 +309,52 @@ def run_harvest(
         "fingerprint": fp,
         "d_model": d,
         "n_tokens": int(n_windows * keep.sum()),
+        "checksums": {
+            "tokens": _file_sha256(tmp / "tokens.npy"),
+            "mean": _file_sha256(tmp / "mean.npy"),
+            **acts_sums,
+        },
     }
     atomic.write_json(tmp / "meta.json", meta)
-    if final.exists():  # a concurrent harvest finished first; theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-        atomic.fsync_dir(root)
+
+
+def run_harvest(
+    subject: Any,
+    hook: str,
+    pending: ActivationStore | PendingHarvest,
+    batch_windows: int = 16,
+    log: Any = print,
+) -> ActivationStore:
+    if isinstance(pending, ActivationStore):
+        return pending
+    part, final, fp = pending.part, pending.final, pending.fingerprint
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_harvests(root, f".tmp-{part}-{fp}-", log)
+    tmp = root / f".tmp-{part}-{fp}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    busy = _hold_harvest_lock(tmp)
+    try:
+        _fill_entry(tmp, subject, hook, pending, batch_windows)
+        if final.exists():
+            try:  # a concurrent harvest finished first; theirs is as good as ours
+                ActivationStore.open(final, expect=(fp, pending.ident))
+            except CacheDamaged:
+                _discard(final)
+        (tmp / HARVEST_LOCK).unlink(missing_ok=True)
+        wrote = not final.exists()
+        if wrote:
+            os.replace(tmp, final)
+            atomic.fsync_dir(root)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if busy is not None:
+            os.close(busy)
     log(f"activation cache: harvested {part} activations into {final} (fingerprint {fp})")
-    return ActivationStore.open(final)
+    # Hashed moments ago from the same pages; shapes and sizes are still checked.
+    return ActivationStore.open(final, expect=(fp, pending.ident), checksums=not wrote)
 
 
 def harvest(

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
 from dictbench import __version__
 from dictbench.errors import UserError
@@ -17,11 +18,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"out={args.out}")
-    resolved = spec.resolve(args.spec, args.preset, overrides)
+    if args.resume and args.out and args.spec is None and args.preset is None:
+        from dictbench import resume
+
+        data = resume.recorded_spec_data(Path(args.out))  # the spec the run folder records
+        for assignment in overrides:
+            spec.apply_override(data, assignment)
+        resolved = spec.build(spec.RunSpec, data)
+        spec.validate(resolved)
+    else:
+        resolved = spec.resolve(args.spec, args.preset, overrides)
     if args.baseline:
         resolved.baselines = [spec.BaselineEntry(method=ref) for ref in args.baseline]
         spec.validate(resolved)
-    runner.run(resolved)
+    runner.run(resolved, resume=args.resume)
     return 0
 
 
@@ -63,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME|MODULE:CLASS",
         help="train this baseline instead of the spec's (repeatable)",
     )
+    p_run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in its output folder: keep finished SAEs and task "
+        "records, continue training from the last checkpoint (same results as an "
+        "uninterrupted run); with --out and no SPEC, reuse the spec recorded there",
+    )
     p_run.set_defaults(func=_cmd_run)
 
     p_list = sub.add_parser(
@@ -82,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UserError as e:
-        print(f"dictbench: error: {e}", file=sys.stderr)
+        # One line whatever the message quotes (a spec value may hold a newline).
+        one_line = " ".join(str(e).splitlines())
+        print(f"dictbench: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dictbench: interrupted", file=sys.stderr)

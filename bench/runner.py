@@ -15,14 +15,17 @@ from typing import Any
 
 import torch
 
-from dictbench import __version__, atomic, registry
+from dictbench import __version__, atomic, checkpoint, faults, registry, resume
 from dictbench.cache import default_cache_root, prepare, run_harvest
+from dictbench.checkpoint import CheckpointPlan
 from dictbench.errors import UserError
 from dictbench.leaderboard import table
+from dictbench.lock import RunLock
 from dictbench.records import write_record
-from dictbench.sae_io import save_sae
+from dictbench.sae_io import WEIGHTS, class_ref, load_sae, save_sae
 from dictbench.spec import BaselineEntry, RunSpec
 from dictbench.subject import SubjectModel
+from dictbench.synthetic import make_stores, one_thread
 from dictbench.tasks.base import TaskEnv, TaskSkipped, TokenTask
 from dictbench.trainer import TrainingFailed, train
 
@@ -115,11 +118,16 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--out: cannot write to '{out}' ({e.strerror})") from e
 
 
-def run(spec: RunSpec) -> Path:
+def run(spec: RunSpec, resume: bool = False) -> Path:
+    """Run ``spec`` end to end. With ``resume``, continue the interrupted run in its out
+    folder: finished SAEs and task records are kept, training continues from its last
+    checkpoint, and the results equal those of an uninterrupted run."""
     t_start = time.perf_counter()
     timings: dict[str, Any] = {}
     planned = plan_saes(spec)
     out = Path(spec.out or Path("runs") / spec.name)
+    if spec.synthetic is not None:
+        return _run_synthetic(spec, resume, out, planned, timings, t_start)
 
     t = time.perf_counter()
     log(f"loading subject model {spec.model.name} ...")
@@ -140,16 +148,92 @@ def run(spec: RunSpec) -> Path:
     timings["tokenize_s"] = time.perf_counter() - t
 
     _check_writable(out)
+    with RunLock(out) as lock:
+        if lock.took_over:
+            log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
+        return _run_locked(
+            spec, resume, out, subject, planned, pending_train, pending_eval, timings, t_start
+        )
+
+
+def _run_synthetic(
+    spec: RunSpec,
+    resuming: bool,
+    out: Path,
+    planned: list[PlannedSAE],
+    timings: dict[str, Any],
+    t_start: float,
+) -> Path:
+    """A run on generated activations with a known dictionary: no model, corpus or
+    harvest. Methods that train through the model past the hook cannot run here."""
+    syn = spec.synthetic
+    assert syn is not None
+    kept = []
+    for p in planned:
+        if getattr(p.cls, "needs_downstream", False):
+            log(f"skipping {p.sae_id}: it trains through a subject model; synthetic runs have none")
+        else:
+            kept.append(p)
+    if not kept:
+        raise UserError("baselines: every baseline needs a subject model; a synthetic run has none")
+    t = time.perf_counter()
+    log(
+        f"generating synthetic activations: {syn.n_features} features in {syn.d_in} dimensions, "
+        f"{spec.budget.train_tokens} train and {spec.eval.tokens} eval tokens ..."
+    )
+    train_store, eval_store, _ = make_stores(  # the eval store carries the answer key
+        syn, spec.seed, spec.budget.train_tokens, spec.eval.tokens
+    )
+    timings["generate_s"] = time.perf_counter() - t
+    _check_writable(out)
+    # One thread: these matrices are tiny, so a second thread only adds synchronisation
+    # (and stalls badly on a busy machine), and a fixed count keeps results reproducible.
+    with RunLock(out) as lock, one_thread():
+        if lock.took_over:
+            log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
+        return _run_locked(
+            spec, resuming, out, None, kept, train_store, eval_store, timings, t_start
+        )
+
+
+def _previous_run(out: Path, spec: RunSpec) -> dict[str, Any] | None:
+    """The interrupted run to continue (checked to have the same spec), or None."""
+    previous = resume.read_run_json(out)
+    if previous is None:
+        log(f"--resume: nothing to resume in {out}; starting the run")
+        return None
+    resume.check_same_spec(out, previous["spec"], spec.to_dict())
+    for partial in resume.remove_partial_writes(out):
+        log(f"--resume: removed the unfinished write {partial}")
+    log(f"--resume: continuing the run in {out}")
+    return previous
+
+
+def _run_locked(
+    spec: RunSpec,
+    resuming: bool,
+    out: Path,
+    subject: SubjectModel | None,
+    planned: list[PlannedSAE],
+    pending_train: Any,
+    pending_eval: Any,
+    timings: dict[str, Any],
+    t_start: float,
+) -> Path:
+    """Everything that writes into ``out``, done while this process holds its lock."""
+    previous = _previous_run(out, spec) if resuming else None
     run_info: dict[str, Any] = {
         "status": "running",
         "spec": spec.to_dict(),
         "versions": _versions(),
         "git_revision": _git_revision(),
-        "machine": _machine(subject.device),
-        "model_fingerprint": subject.fingerprint(),
+        "machine": _machine(subject.device if subject is not None else "cpu"),
+        "model_fingerprint": subject.fingerprint() if subject is not None else None,
         "saes": [p.sae_id for p in planned],
         "timings": timings,
     }
+    if previous is not None:
+        run_info["resumed"] = int(previous.get("resumed", 0)) + 1
     atomic.write_json(out / "run.json", run_info)
 
     t = time.perf_counter()
@@ -166,10 +250,19 @@ def run(spec: RunSpec) -> Path:
     env = build_env(spec, subject, train_store.mean, eval_store)
     context = record_context(spec, subject, eval_store)
     tasks = [registry.get_task(name)() for name in spec.tasks]
+    if subject is None:
+        skipped = [t.name for t in tasks if getattr(t, "needs_subject", False)]
+        if skipped:
+            log(f"skipping task(s) {', '.join(skipped)}: no subject model in this run")
+        tasks = [t for t in tasks if t.name not in skipped]
     timings["saes"] = {}
+    if previous is not None:  # timings of SAEs finished before the interruption
+        timings["saes"].update((previous.get("timings") or {}).get("saes") or {})
     failed: list[str] = []
     for p in planned:
-        ok = _train_and_score(p, spec, subject, train_store, env, tasks, out, context, timings)
+        ok = _train_and_score(
+            p, spec, subject, train_store, env, tasks, out, context, timings, previous is not None
+        )
         if not ok:
             failed.append(p.sae_id)
     timings["total_s"] = time.perf_counter() - t_start
@@ -187,6 +280,8 @@ def build_env(
     """The held-out data and settings every task sees, from a spec and its caches."""
     options = {k: dict(v) for k, v in spec.task_options.items()}
     options.setdefault("downstream", {}).setdefault("max_tokens", spec.eval.downstream_tokens)
+    if spec.cache_dir:  # judge replies live beside the activations unless told otherwise
+        options.setdefault("autointerp", {}).setdefault("cache_dir", f"{spec.cache_dir}/judge")
     return TaskEnv(
         eval_acts=eval_store.acts,
         eval_token_ids=eval_store.tokens,
@@ -198,12 +293,25 @@ def build_env(
         device=subject.device if subject is not None else "cpu",
         batch_tokens=spec.eval.batch_tokens,
         options=options,
+        ground_truth=getattr(eval_store, "ground_truth", None),
     )
 
 
 def record_context(spec: RunSpec, subject: SubjectModel | None, eval_store: Any) -> dict[str, Any]:
     """What every result record says about where it came from; the leaderboard refuses
     to compare records whose context differs."""
+    if spec.synthetic is not None:  # the generator, not a model and corpus, made the data
+        return {
+            "run": spec.name,
+            "model": "synthetic",
+            "model_fingerprint": None,
+            "hook": "synthetic",
+            "corpus": spec.synthetic.identity(),
+            "ctx_len": int(eval_store.acts.shape[1]),
+            "eval_cache": eval_store.meta["fingerprint"],
+            "eval_split_tokens": eval_store.n_tokens,
+            "seed": spec.seed,
+        }
     return {
         "run": spec.name,
         "model": spec.model.name,
@@ -235,38 +343,69 @@ def score_sae(
     for task in token_tasks:
         by_window.setdefault(task.max_tokens(env), []).append(task)
     results = {}
+
+    def record(name: str, res: Any) -> None:
+        # Written as soon as the task is done, so an interrupted run keeps it (--resume).
+        results[name] = res
+        write_record(out, sae_id, method, name, res.metrics, res.details, res.eval_tokens, context)
+        faults.point(f"record:{sae_id}/{name}")
+
     for window, group in by_window.items():
         accs = [task.accumulator(sae, env) for task in group]
         for task, res in zip(group, env.token_pass(sae, accs, window), strict=True):
-            results[task.name] = res
+            record(task.name, res)
     for task in other:
         log(f"scoring {sae_id}: {task.name} ...")
         try:
-            results[task.name] = task.run(sae, env)
+            res = task.run(sae, env)
         except TaskSkipped as e:
             log(f"skipping task {task.name} for {sae_id}: {e}")
-    for name, res in results.items():
-        write_record(out, sae_id, method, name, res.metrics, res.details, res.eval_tokens, context)
+            continue
+        record(task.name, res)
     return results
 
 
 def _train_and_score(
     p: PlannedSAE,
     spec: RunSpec,
-    subject: SubjectModel,
+    subject: SubjectModel | None,
     train_store: Any,
     env: TaskEnv,
     tasks: list[Any],
     out: Path,
     context: dict[str, Any],
     timings: dict[str, Any],
+    resuming: bool = False,
 ) -> bool:
+    if resuming:
+        done = _resume_sae(p, subject, env, tasks, out, context, timings)
+        if done is not None:
+            return done
     cls = p.cls
-    cfg = cls.config_class(d_in=subject.d_model, d_sae=spec.budget.d_sae, **p.params)
+    cfg = cls.config_class(d_in=train_store.acts.shape[-1], d_sae=spec.budget.d_sae, **p.params)
     torch.manual_seed(spec.seed)  # same init stream for every SAE in the run
     sae = cls(cfg)
     lr = getattr(cfg, "lr", None) or spec.budget.lr
     betas = (getattr(cfg, "adam_beta1", 0.9), getattr(cfg, "adam_beta2", 0.999))
+    ckpt = CheckpointPlan(
+        path=out / "checkpoints" / f"{p.sae_id}.safetensors",
+        every=spec.checkpoint_every_steps,
+        identity={
+            "sae_id": p.sae_id,
+            "baseline": class_ref(cls),
+            "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg),
+            "budget": dataclasses.asdict(spec.budget),
+            "seed": spec.seed,
+            "lr": lr,
+            "betas": list(betas),
+            "grad_clip": getattr(cfg, "grad_clip", None),
+            "train_cache": train_store.meta.get("fingerprint"),
+            "device": str(env.device),
+            "torch": torch.__version__,
+        },
+        resume=resuming,
+        log=log,
+    )
     try:
         rec = train(
             sae,
@@ -275,15 +414,19 @@ def _train_and_score(
             spec.budget,
             spec.seed,
             lr,
-            subject.device,
+            env.device,
             betas,
             getattr(cfg, "grad_clip", None),
             subject=subject,
             hook=spec.hook,
+            ckpt=ckpt,
         )
     except TrainingFailed as e:
-        log(f"training failed: {e}")
-        write_record(out, p.sae_id, p.method, "training", {}, {"error": str(e)}, 0, context)
+        kept = ckpt.path if ckpt.path.exists() else None
+        log(f"training failed: {e}" + (f" (last good checkpoint: {kept})" if kept else ""))
+        details = {"error": str(e), "status": "failed", "failed_at_step": e.step}
+        details["last_checkpoint"] = str(kept) if kept else None
+        write_record(out, p.sae_id, p.method, "training", {}, details, 0, context)
         return False
     if rec.input_scale != 1.0:
         sae.fold_input_scale(rec.input_scale)
@@ -292,7 +435,12 @@ def _train_and_score(
     save_sae(
         sae,
         out / "saes" / p.sae_id,
-        {"sae_id": p.sae_id, "hook": spec.hook, "model": spec.model.name, "training": training},
+        {
+            "sae_id": p.sae_id,
+            "hook": context["hook"],
+            "model": context["model"],
+            "training": training,
+        },
     )
     train_metrics = {
         "wall_seconds": rec.wall_seconds,
@@ -302,9 +450,48 @@ def _train_and_score(
     }
     if rec.train_frac_dead is not None:
         train_metrics["train_frac_dead"] = rec.train_frac_dead
-    write_record(out, p.sae_id, p.method, "training", train_metrics, training, rec.tokens, context)
+    # The weights' hash lets --resume trust the saved SAE instead of retraining it.
+    weights_sha = resume.file_sha256(out / "saes" / p.sae_id / WEIGHTS)
+    details = {**training, "weights_sha256": weights_sha}
+    write_record(out, p.sae_id, p.method, "training", train_metrics, details, rec.tokens, context)
+    checkpoint.remove(ckpt.path)  # the saved SAE and its record supersede it
 
     t = time.perf_counter()
     score_sae(sae, p.sae_id, p.method, tasks, env, out, context)
     timings["saes"][p.sae_id] = {"train_s": rec.wall_seconds, "eval_s": time.perf_counter() - t}
+    faults.point(f"sae_done:{p.sae_id}")
+    return True
+
+
+def _resume_sae(
+    p: PlannedSAE,
+    subject: SubjectModel | None,
+    env: TaskEnv,
+    tasks: list[Any],
+    out: Path,
+    context: dict[str, Any],
+    timings: dict[str, Any],
+) -> bool | None:
+    """Finish an SAE that an interrupted run trained: score only the tasks without a
+    record. None when it still needs training (possibly from its checkpoint)."""
+    prog = resume.sae_progress(out, p.sae_id, context, [t.name for t in tasks], WEIGHTS)
+    for note in prog.notes:
+        log(f"--resume: {note}")
+    if prog.failed is not None:
+        log(f"--resume: {p.sae_id} failed before ({prog.failed}); not retried")
+        return False
+    if not prog.trained:
+        return None
+    todo = [t for t in tasks if t.name in prog.missing_tasks]
+    if not todo:
+        log(f"--resume: {p.sae_id} is complete; skipped")
+        return True
+    log(f"--resume: {p.sae_id} is trained; scoring {', '.join(t.name for t in todo)}")
+    sae, _ = load_sae(out / "saes" / p.sae_id)
+    sae.to(env.device)
+    t = time.perf_counter()
+    score_sae(sae, p.sae_id, p.method, todo, env, out, context)
+    entry = timings["saes"].setdefault(p.sae_id, {})
+    entry["eval_s"] = entry.get("eval_s", 0.0) + time.perf_counter() - t
+    faults.point(f"sae_done:{p.sae_id}")
     return True

@@ -19,6 +19,63 @@ from dictbench.errors import UserError
 
 WEIGHTS = "sae_weights.safetensors"
 CONFIG = "cfg.json"
+# What people pass around as "the SAE" that is a pickle underneath (torch.save, HF .bin,
+# Lightning .ckpt): torch.load on one runs whatever code it names, so they are refused
+# by name and never opened.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+
+
+def _pickle_refusal(path: Path) -> UserError:
+    return UserError(
+        f"{path}: a pickle-based checkpoint; dictbench reads SAEs only from safetensors "
+        f"(a folder with {WEIGHTS} and {CONFIG}) because unpickling can run code"
+    )
+
+
+def sae_folder(path: str | Path) -> Path:
+    """The folder of an SAE given the folder or one of its two files; pickles refused."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise _pickle_refusal(path)
+        if path.name in (WEIGHTS, CONFIG):
+            return path.parent
+        raise UserError(f"{path}: not an SAE; pass the folder holding {WEIGHTS} and {CONFIG}")
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or folder")
+    for p in (path / WEIGHTS, path / CONFIG):
+        if not p.is_file():
+            pickles = sorted(q for q in path.iterdir() if q.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                raise _pickle_refusal(pickles[0])
+            raise UserError(f"{p}: missing (an SAE folder holds {WEIGHTS} and {CONFIG})")
+    return path
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text, so not valid JSON") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors only. A pickle saved under a safetensors name is named as such."""
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        # torch.save writes a zip ("PK\3\4"); a bare pickle starts with its protocol opcode.
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            raise _pickle_refusal(path) from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: not a readable safetensors file ({first})") from e
 
 
 def class_ref(cls: type) -> str:
@@ -48,22 +105,32 @@ def save_sae(sae: torch.nn.Module, folder: Path, extra: dict[str, Any]) -> None:
 
 
 def load_sae(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    folder = Path(folder)
+    folder = sae_folder(folder)
     weights, cfg_path = folder / WEIGHTS, folder / CONFIG
-    for p in (weights, cfg_path):
-        if not p.is_file():
-            raise UserError(f"{p}: missing (an SAE folder holds {WEIGHTS} and {CONFIG})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e.msg})") from e
+    cfg = read_config(cfg_path)
+    if not isinstance(cfg.get("baseline"), str) or not cfg["baseline"]:
+        raise UserError(f"{cfg_path}: no 'baseline' field, so not an SAE saved by dictbench")
+    if not isinstance(cfg.get("config", {}), dict):
+        raise UserError(f"{cfg_path}: 'config' must be a JSON object")
     cls = registry.get_baseline(cfg["baseline"])
     known = set(getattr(cls.config_class, "__dataclass_fields__", {}))
-    sae = cls(cls.config_class(**{k: v for k, v in cfg.get("config", {}).items() if k in known}))
+    kwargs = {k: v for k, v in cfg.get("config", {}).items() if k in known}
+    state = load_tensors(weights)
+    # Check the sizes against the weights before building the SAE: a damaged or hostile
+    # cfg.json must not make us allocate a dictionary of any size it names.
+    if "W_dec" not in state:
+        raise UserError(f"{weights}: missing tensor(s) W_dec")
+    sizes = (kwargs.get("d_sae"), kwargs.get("d_in"))
+    if sizes != tuple(state["W_dec"].shape):
+        raise UserError(
+            f"{cfg_path}: config d_sae={sizes[0]!r}, d_in={sizes[1]!r} does not match "
+            f"W_dec of shape {tuple(state['W_dec'].shape)} in {WEIGHTS}"
+        )
     try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise UserError(f"{weights}: not a readable safetensors file ({e})") from e
+        sae = cls(cls.config_class(**kwargs))
+    except Exception as e:  # any config value the class cannot take
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{cfg_path}: its config does not build {cfg['baseline']} ({first})") from e
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:

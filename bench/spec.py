@@ -20,6 +20,7 @@ import yaml
 from dictbench.corpus import CorpusSpec
 from dictbench.errors import SpecError, UserError
 from dictbench.subject import ModelSpec
+from dictbench.synthetic import SyntheticSpec
 
 DEFAULT_PRESET = "quickstart"
 
@@ -70,9 +71,21 @@ class RunSpec:
     cache_dir: str | None = None
     out: str | None = None
     preset: str | None = None
+    # Save each SAE's training state every this many steps (and always at the end), so
+    # `dictbench run --resume` loses at most this much work; 0 saves only at the end.
+    checkpoint_every_steps: int = 500
+    # Synthetic activations with a known dictionary instead of a model and corpus
+    # (model, hook and corpus are then unused); see dictbench.synthetic.
+    synthetic: SyntheticSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The spec as written into run.json: an API key given in task options is
+        replaced by a marker (keys belong in environment variables)."""
+        data = dataclasses.asdict(self)
+        for opts in data["task_options"].values():
+            if isinstance(opts, dict) and opts.get("api_key") is not None:
+                opts["api_key"] = "<redacted>"
+        return data
 
 
 # --- generic dataclass construction with type checks ----------------------------------
@@ -302,8 +315,24 @@ def validate(spec: RunSpec) -> None:
             registry.get_task(task)
         except UserError as err:
             raise SpecError(f"tasks[{i}]: {err}") from err
-    for task in spec.task_options:
+    for task, opts in spec.task_options.items():
         if task not in spec.tasks:
             raise SpecError(f"task_options.{task}: not one of this run's tasks")
+        check = getattr(registry.get_task(task), "validate_options", None)
+        if check is not None:  # a task that checks its own options fails the spec early
+            check(opts)
+    if spec.synthetic is not None:
+        spec.synthetic.validate()
+    else:
+        for i, task in enumerate(spec.tasks):
+            if getattr(registry.get_task(task), "needs_ground_truth", False):
+                raise SpecError(
+                    f"tasks[{i}]: {task} needs a known dictionary; add a synthetic: section"
+                )
+    if spec.checkpoint_every_steps < 0:
+        raise SpecError(
+            f"checkpoint_every_steps: must be 0 (only at the end) or positive, "
+            f"got {spec.checkpoint_every_steps}"
+        )
     if "." not in spec.hook:
         raise SpecError(f"hook: '{spec.hook}' is not a hook point; use resid_post.L or resid_pre.L")

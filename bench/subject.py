@@ -126,7 +126,9 @@ def _build_tiny(spec: ModelSpec) -> tuple[nn.Module, ByteTokenizer]:
     try:
         cfg = transformers.AutoConfig.for_model(arch, **cfg_fields)
     except ValueError as e:
-        raise UserError(f"model.name: unknown tiny architecture '{arch}': {e}") from e
+        # transformers' message goes on to list every architecture it knows (~10 kB)
+        first = str(e).split(". ", 1)[0].splitlines()[0]
+        raise UserError(f"model.name: unknown tiny architecture '{arch}': {first}") from e
     seed = int(spec.config.get("seed", 0)) if "seed" in spec.config else 0
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -18,12 +18,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dictbench import checkpoint, faults
 from dictbench.cache import ActivationStore
+from dictbench.checkpoint import CheckpointError, CheckpointPlan, TrainState
 from dictbench.spec import BudgetSpec
 
 
 class TrainingFailed(RuntimeError):
-    pass
+    """This SAE cannot go on (non-finite loss, activations or weights); ``step`` says where."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -146,9 +152,19 @@ def train(
     grad_clip: float | None = None,
     subject: Any = None,
     hook: str = "",
+    ckpt: CheckpointPlan | None = None,
 ) -> TrainRecord:
+    """Train ``sae`` in place. With ``ckpt``, its state is saved every ``ckpt.every`` steps
+    and at the end, and ``ckpt.resume`` continues from a valid saved state: the same
+    batches, optimiser moments and RNG streams, so the result is bit-identical on CPU."""
     order = token_order(store, seed)
     scale = activation_scale(store, order) if budget.normalize_activations else 1.0
+    if not (math.isfinite(scale) and scale > 0):
+        raise TrainingFailed(
+            f"{sae_id}: non-finite activations in the training tokens (normalisation scale "
+            f"{scale}) before step 0",
+            0,
+        )
     sequence_mode = bool(getattr(sae, "needs_downstream", False))
     if sequence_mode:
         if subject is None:
@@ -182,6 +198,12 @@ def train(
     sae.to(device)
     sae.train()  # a reloaded SAE comes back in eval mode (e.g. BatchTopK's threshold path)
     sample = gather(store, order[: min(8192, len(order))]).to(device) * scale
+    if not bool(torch.isfinite(sample).all()):  # it initialises the SAE (e.g. b_dec)
+        raise TrainingFailed(
+            f"{sae_id}: non-finite activations in the first {len(sample)} training tokens "
+            "(the initialisation sample) before step 0",
+            0,
+        )
     if hasattr(sae, "on_train_start"):
         sae.on_train_start(steps, sample)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
@@ -190,18 +212,62 @@ def train(
     fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
     terms: dict[str, float] = {}
     flops_tok = flops_per_token(sae)  # before the loop: e2e counts the model past the hook
+    start, wall_before, has_latents = 0, 0.0, False
+    identity: dict[str, Any] = {}
+    if ckpt is not None:
+        identity = {
+            **ckpt.identity,
+            "total_steps": steps,
+            "tokens_per_step": per_step,
+            "input_scale": scale,
+            "sequence_mode": sequence_mode,
+        }
+        if ckpt.resume and ckpt.path.exists():
+            try:
+                st = checkpoint.load(ckpt.path, identity, sae, opt, device)
+            except CheckpointError as e:
+                ckpt.log(f"{sae_id}: checkpoint {ckpt.path} not used: {e}; training from step 0")
+            else:
+                start, fired, terms = st.step, st.fired, st.terms
+                wall_before, has_latents = st.wall_seconds, st.has_latents
+                ckpt.log(f"{sae_id}: resuming training at step {start} of {steps} ({ckpt.path})")
+
+    def save_checkpoint(next_step: int) -> None:
+        # A checkpoint must be a state worth going back to: never save broken weights.
+        if not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+            last = next_step - 1
+            raise TrainingFailed(f"{sae_id}: non-finite weights after step {last}", last)
+        state = TrainState(
+            next_step, fired, terms, wall_before + time.perf_counter() - t0, has_latents
+        )
+        checkpoint.save(ckpt.path, identity, sae, opt, state, steps, device)
+
     t0 = time.perf_counter()
+    step = start
     try:
-        bar = tqdm(range(steps), desc=f"train {sae_id}", unit="step", mininterval=2.0)
+        bar = tqdm(
+            range(start, steps),
+            initial=start,
+            total=steps,
+            desc=f"train {sae_id}",
+            unit="step",
+            mininterval=2.0,
+        )
         for step in bar:
+            faults.point(f"train:{sae_id}:step={step}")
             batch = get_batch(step)
+            acts = batch.acts if isinstance(batch, SequenceBatch) else batch
+            if not bool(torch.isfinite(acts).all()):
+                raise TrainingFailed(
+                    f"{sae_id}: non-finite activations in the training batch at step {step}", step
+                )
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(
                     step, steps, budget.lr_warmup_frac, budget.lr_decay_frac
                 )
             out = sae.loss(batch, step)
             if not torch.isfinite(out.total):
-                raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}")
+                raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}", step)
             opt.zero_grad(set_to_none=True)
             out.total.backward()
             if hasattr(sae, "before_optimizer_step"):
@@ -212,19 +278,24 @@ def train(
             if hasattr(sae, "after_step"):
                 sae.after_step()
             latents = getattr(out, "latents", None)
+            has_latents = latents is not None
             if step >= dead_window_start and latents is not None:
                 fired |= (latents > 0).any(0)
             if step % 20 == 0 or step == steps - 1:
                 terms = {k: float(v) for k, v in out.terms.items()}
                 terms = {"total": float(out.total.detach()), **terms}
                 bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
+            if ckpt is not None and ckpt.every and (step + 1) % ckpt.every == 0:
+                if step + 1 < steps:
+                    save_checkpoint(step + 1)
         bar.close()
+        if ckpt is not None and start < steps:
+            save_checkpoint(steps)
     finally:
         if sequence_mode:
             sae.downstream = None  # the handle holds the model; the trained SAE must not
-    wall = time.perf_counter() - t0
+    wall = wall_before + time.perf_counter() - t0
     window = (steps - dead_window_start) * per_step
-    has_latents = getattr(out, "latents", None) is not None
     return TrainRecord(
         steps=steps,
         tokens=steps * per_step,

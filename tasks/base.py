@@ -46,6 +46,9 @@ class TaskEnv:
     # Results that do not depend on the SAE (e.g. the clean and ablated CE losses), kept
     # so that a run scoring many SAEs computes them once; tasks own their keys.
     shared: dict[str, Any] = field(default_factory=dict)
+    # The answer key of a synthetic run (dictbench.synthetic.GroundTruth): the true features
+    # and the eval tokens' true coefficients. None for activations of a real model.
+    ground_truth: Any = None
 
     def task_options(self, task: str) -> dict[str, Any]:
         return dict(self.options.get(task, {}))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_subprocess import run_cli
 
 from dictbench.leaderboard import records_frame
 from dictbench.records import read_records
@@ -44,15 +44,7 @@ TIMING_METRICS = {"wall_seconds"}
 
 
 def dictbench(*args: str, cache: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DICTBENCH_CACHE": str(cache), "TQDM_DISABLE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "dictbench.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
+    return run_cli(*args, cache=cache, cwd=cwd)
 
 
 def _error_lines(stderr: str) -> list[str]:

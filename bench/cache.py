@@ -51,14 +51,6 @@ def _ident_digest(ident: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _acts_sha256(acts: np.ndarray) -> str:
     h = hashlib.sha256()
     step = max(1, (64 << 20) // max(1, acts[0].nbytes))  # ~64 MB at a time
@@ -166,9 +158,10 @@ class ActivationStore:
         ]
         sums = meta.get("checksums")  # absent in entries written before checksums existed
         if checksums and isinstance(sums, dict):
+            sha = atomic.file_sha256
             checks += [
-                ("tokens.npy checksum", _file_sha256(path / "tokens.npy") == sums.get("tokens")),
-                ("mean.npy checksum", _file_sha256(path / "mean.npy") == sums.get("mean")),
+                ("tokens.npy checksum", sha(path / "tokens.npy") == sums.get("tokens")),
+                ("mean.npy checksum", sha(path / "mean.npy") == sums.get("mean")),
             ]
             if "acts" in sums:
                 checks.append(("acts.npy checksum", _acts_sha256(acts) == sums["acts"]))
@@ -310,8 +303,8 @@ def _fill_entry(
         "d_model": d,
         "n_tokens": int(n_windows * keep.sum()),
         "checksums": {
-            "tokens": _file_sha256(tmp / "tokens.npy"),
-            "mean": _file_sha256(tmp / "mean.npy"),
+            "tokens": atomic.file_sha256(tmp / "tokens.npy"),
+            "mean": atomic.file_sha256(tmp / "mean.npy"),
             **acts_sums,
         },
     }

@@ -9,12 +9,12 @@ and a run.json that cannot be read (the spec it records is what makes resuming s
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dictbench import atomic
 from dictbench.checkpoint import canonical
 from dictbench.errors import UserError
 
@@ -99,14 +99,6 @@ def remove_partial_writes(out: Path) -> list[Path]:
     return gone
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_record(path: Path, sae_id: str, task: str, context: dict[str, Any]) -> dict | None:
     """A result record if it is complete and belongs to this SAE, task and context."""
     try:
@@ -158,7 +150,7 @@ def sae_progress(
         return prog
     weights = out / "saes" / sae_id / weights_name
     want = details.get("weights_sha256")
-    if not weights.is_file() or (want is not None and file_sha256(weights) != want):
+    if not weights.is_file() or (want is not None and atomic.file_sha256(weights) != want):
         prog.notes.append(f"{weights} is missing or damaged; retraining")
         return prog
     config = weights.with_name("cfg.json")

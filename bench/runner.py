@@ -451,7 +451,7 @@ def _train_and_score(
     if rec.train_frac_dead is not None:
         train_metrics["train_frac_dead"] = rec.train_frac_dead
     # The weights' hash lets --resume trust the saved SAE instead of retraining it.
-    weights_sha = resume.file_sha256(out / "saes" / p.sae_id / WEIGHTS)
+    weights_sha = atomic.file_sha256(out / "saes" / p.sae_id / WEIGHTS)
     details = {**training, "weights_sha256": weights_sha}
     write_record(out, p.sae_id, p.method, "training", train_metrics, details, rec.tokens, context)
     checkpoint.remove(ckpt.path)  # the saved SAE and its record supersede it

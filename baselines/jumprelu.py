@@ -44,6 +44,7 @@ from dictbench.baselines.base import (
     UnitNormDecoder,
     warmup_factor,
 )
+from dictbench.baselines.dense_ops import centred_encoder
 from dictbench.baselines.init import unit_rows
 from dictbench.registry import register_baseline
 
@@ -134,7 +135,7 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
         return self.cfg.bandwidth * self.input_rms
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return centred_encoder(x, self.b_dec, self.W_enc, self.b_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return JumpReLUFn.apply(self.pre_acts(x), self.threshold, self.eps)

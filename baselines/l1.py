@@ -4,6 +4,13 @@ f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec,
 loss = ||x - x_hat||^2 (summed over dims, mean over tokens) + lambda * ||f||_1,
 with decoder rows held at unit norm so the L1 penalty cannot be dodged by
 shrinking f and growing W_dec.
+
+A training step computes the encoder matmul once, without a graph, and counts the
+firing latents. Early in training about half fire and the step stays dense, with the
+encoder's backward fused (baselines/dense_ops.py: no matmul for the centred input's
+gradient). Once fewer than 5% fire, as in any useful L1 SAE, the decoder and every
+gradient go through the firing (token, latent) pairs only (baselines/sparse_ops.py).
+Both paths compute the same loss and gradients (tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from dictbench.baselines.base import (
     UnitNormDecoder,
     warmup_factor,
 )
+from dictbench.baselines.dense_ops import relu_encoder, relu_path_is_sparse
 from dictbench.baselines.init import geometric_median, unit_rows
+from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
 from dictbench.registry import register_baseline
 
 
@@ -54,13 +63,25 @@ class L1SAE(UnitNormDecoder, Baseline):
         return f @ self.W_dec + self.b_dec
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        f = self.encode(batch)
-        x_hat = self.decode(f)
+        n = batch.shape[0]
+        with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
+            f0 = torch.addmm(self.b_enc, batch - self.b_dec, self.W_enc).relu_()
+        if relu_path_is_sparse(f0):
+            # Few latents fire (a trained L1 SAE): decode and backpropagate through the
+            # firing (token, latent) pairs only.
+            pairs, pre = Pairs.of_nonzeros(f0)
+            pre = pairs_encoder(pairs, pre, batch, self.b_dec, self.W_enc, self.b_enc)
+            vals = torch.relu(pre)
+            x_hat = pairs_decode(pairs, vals, self.W_dec) + self.b_dec
+            l1 = vals.sum() / n
+        else:
+            f = relu_encoder(f0, batch, self.b_dec, self.W_enc, self.b_enc)
+            x_hat = torch.addmm(self.b_dec, f, self.W_dec)
+            l1 = f.sum(-1).mean()  # f >= 0: |f| = f, and its gradient needs no sign pass
         mse = (x_hat - batch).pow(2).sum(-1).mean()
-        l1 = f.abs().sum(-1).mean()
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = mse + self.cfg.l1_coefficient * warm * l1
-        return LossOutput(total, {"mse": mse.detach(), "l1": l1.detach()}, f.detach())
+        return LossOutput(total, {"mse": mse.detach(), "l1": l1.detach()}, f0)
 
     def on_train_start(self, total_steps: int, sample: torch.Tensor) -> None:
         super().on_train_start(total_steps, sample)

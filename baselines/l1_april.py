@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
+from dictbench.baselines.dense_ops import relu_encoder, relu_path_is_sparse
+from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
 from dictbench.registry import register_baseline
 
 
@@ -72,15 +74,26 @@ class L1AprilSAE(Baseline):
         return f @ self.W_dec + self.b_dec
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        f = self.encode(batch)
-        x_hat = self.decode(f)
-        mse = (x_hat - batch).pow(2).sum(-1).mean()
+        n = batch.shape[0]
+        with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
+            f0 = torch.addmm(self.b_enc, batch, self.W_enc).relu_()
         # The row norms are part of the graph: the penalty pulls on W_dec's scale too,
         # which is what stops the unconstrained decoder from growing to dodge it.
-        l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        norms = self.W_dec.norm(dim=-1)
+        if relu_path_is_sparse(f0):  # few latents fire: work on the firing pairs only
+            pairs, pre = Pairs.of_nonzeros(f0)
+            vals = torch.relu(pairs_encoder(pairs, pre, batch, None, self.W_enc, self.b_enc))
+            x_hat = pairs_decode(pairs, vals, self.W_dec) + self.b_dec
+            l1 = (vals * norms[pairs.cols]).sum() / n
+        else:
+            f = relu_encoder(f0, batch, None, self.W_enc, self.b_enc)
+            x_hat = torch.addmm(self.b_dec, f, self.W_dec)
+            # sum_b sum_i f_bi ||W_dec,i|| / n, through the column sums: no [B, d_sae] product.
+            l1 = (f.sum(0) * norms).sum() / n
+        mse = (x_hat - batch).pow(2).sum(-1).mean()
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = mse + self.cfg.l1_coefficient * warm * l1
-        return LossOutput(total, {"mse": mse.detach(), "l1": l1.detach()}, f.detach())
+        return LossOutput(total, {"mse": mse.detach(), "l1": l1.detach()}, f0)
 
     def fold_input_scale(self, scale: float) -> None:
         # relu(s x W_enc + b_enc) / s = relu(x W_enc + b_enc / s), and

@@ -24,6 +24,7 @@ from dictbench.baselines.auxk import sparse_auxk_loss
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, UnitNormDecoder
 from dictbench.baselines.init import geometric_median, unit_rows
 from dictbench.baselines.sparse_ops import dense_latents, selected_preacts, sparse_decode
+from dictbench.distributed import any_across, rows_across
 from dictbench.registry import register_baseline
 
 
@@ -93,8 +94,10 @@ class TopKSAE(UnitNormDecoder, Baseline):
     def observe(self, z: torch.Tensor) -> None:
         """Training-time bookkeeping on the batch's latents (counts since last firing)."""
         flat = z.reshape(-1, z.shape[-1])
-        self.tokens_since_fired += flat.shape[0]
-        self.tokens_since_fired.masked_fill_((flat > 0).any(0), 0)
+        # Over the global batch when it is split across processes (bench/distributed.py),
+        # so every rank holds the same counts and AuxK picks the same dead latents.
+        self.tokens_since_fired += rows_across(flat.shape[0])
+        self.tokens_since_fired.masked_fill_(any_across((flat > 0).any(0)), 0)
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
         n = batch.shape[0]

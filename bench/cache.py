@@ -248,15 +248,9 @@ def prepare(
     n_windows = -(-n_tokens // int(keep.sum()))
     fp, ident = fingerprint(subject.fingerprint(), hook, corpus, part, n_windows, seed)
     final = root / f"{part}-{fp}"
-    if final.exists():
-        try:
-            store = ActivationStore.open(final, reused=True, expect=(fp, ident))
-        except CacheDamaged as e:
-            log(f"activation cache: {final} is damaged ({e}); rebuilding it")
-            _discard(final)
-        else:
-            log(f"activation cache: reusing {part} activations at {final} (fingerprint {fp})")
-            return store
+    store = _reuse(final, part, fp, ident, log)
+    if store is not None:
+        return store
     tokens = make_windows(subject.tokenizer, corpus, part, n_windows, seed)
     return PendingHarvest(final, fp, ident, tokens, part)
 
@@ -323,6 +317,65 @@ def run_harvest(
     part, final, fp = pending.part, pending.final, pending.fingerprint
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
+    lock = root / f".{part}-{fp}.lock"
+    turn = _wait_for_turn(lock, final, log)
+    try:
+        # Another process may have harvested it while this one waited for the lock.
+        store = _reuse(final, part, fp, pending.ident, log)
+        if store is not None:
+            return store
+        return _harvest_entry(subject, hook, pending, batch_windows, log)
+    finally:
+        if turn is not None:
+            lock.unlink(missing_ok=True)  # while still held, so no one is mid-take-over
+            os.close(turn)
+
+
+def _reuse(final: Path, part: str, fp: str, ident: Any, log: Any) -> ActivationStore | None:
+    """The finished entry at ``final`` if it is there and intact; a damaged one is removed."""
+    if not final.exists():
+        return None
+    try:
+        store = ActivationStore.open(final, reused=True, expect=(fp, ident))
+    except CacheDamaged as e:
+        log(f"activation cache: {final} is damaged ({e}); rebuilding it")
+        _discard(final)
+        return None
+    log(f"activation cache: reusing {part} activations at {final} (fingerprint {fp})")
+    return store
+
+
+def _wait_for_turn(lock: Path, final: Path, log: Any) -> int | None:
+    """flock the entry's lock file, waiting while another process (a second shard of a
+    sweep, another rank or machine sharing the cache folder) harvests the same entry:
+    the entry is then harvested once and opened by everyone."""
+    if fcntl is None:
+        return None
+    told = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not told:
+                log(f"activation cache: another process is harvesting {final}; waiting for it")
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        # The holder unlinks the file when done: a lock on an unlinked file guards nothing.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _harvest_entry(
+    subject: Any, hook: str, pending: PendingHarvest, batch_windows: int, log: Any
+) -> ActivationStore:
+    part, final, fp = pending.part, pending.final, pending.fingerprint
+    root = final.parent
     _remove_abandoned_harvests(root, f".tmp-{part}-{fp}-", log)
     tmp = root / f".tmp-{part}-{fp}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -31,8 +31,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.baseline:
         resolved.baselines = [spec.BaselineEntry(method=ref) for ref in args.baseline]
         spec.validate(resolved)
-    runner.run(resolved, resume=args.resume)
+    shard = _parse_shard(args.shard) if args.shard else None
+    from dictbench import distributed
+
+    # Under torchrun (WORLD_SIZE > 1) this process is one rank of a data-parallel run.
+    distributed.init("cpu" if resolved.synthetic is not None else resolved.model.device)
+    try:
+        runner.run(resolved, resume=args.resume, shard=shard)
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    i, sep, n = text.partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not sep or count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard: expected I/N with 0 <= I < N (e.g. 0/4), got '{text}'")
+    return index, count
 
 
 def _cmd_list(_args: argparse.Namespace) -> int:
@@ -79,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run in its output folder: keep finished SAEs and task "
         "records, continue training from the last checkpoint (same results as an "
         "uninterrupted run); with --out and no SPEC, reuse the spec recorded there",
+    )
+    p_run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="train and score only SAEs i, i+N, i+2N, ... of the spec's sweep (0-based), "
+        "e.g. one shard per machine over a shared cache_dir; each shard gets its own --out "
+        "(default runs/<name>-shard<I>of<N>) and `dictbench leaderboard` merges the shards",
     )
     p_run.set_defaults(func=_cmd_run)
 

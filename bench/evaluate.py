@@ -68,7 +68,7 @@ class LoadedSAE:
     path: Path
 
 
-def load_any(path: str | Path) -> LoadedSAE:
+def load_any(path: str | Path, trust_code: bool = False) -> LoadedSAE:
     """A dictbench or SAELens SAE folder (safetensors only; pickles are refused)."""
     folder = sae_folder(path)
     cfg = read_config(folder / CONFIG)
@@ -88,7 +88,7 @@ def load_any(path: str | Path) -> LoadedSAE:
             run_spec=spec if isinstance(spec, dict) else None,
             path=folder,
         )
-    module, cfg = load_sae(folder)
+    module, cfg = load_sae(folder, trust_code=trust_code)
     hook = cfg.get("hook") if isinstance(cfg.get("hook"), str) else None
     return LoadedSAE(
         module=module,
@@ -243,10 +243,11 @@ def evaluate(
     out: str | Path | None = None,
     sae_id: str | None = None,
     mean_tokens: int | None = None,
+    trust_code: bool = False,
 ) -> Path:
     """Score the SAE at ``path`` and write its records under ``out``; returns ``out``."""
     t0 = time.perf_counter()
-    loaded = load_any(path)
+    loaded = load_any(path, trust_code=trust_code)
     if sae_id:
         loaded.sae_id = sae_id
     spec, source = resolve_spec(loaded, spec_path, preset, overrides, tasks)

@@ -163,9 +163,56 @@ def load_run(path: Path, label: str | None = None) -> Run:
     return Run(path, label or path.resolve().name, records, info)
 
 
+def _shard_of(run: Run) -> tuple[str, int, int] | None:
+    """(sweep key, index, count) of a folder written by `dictbench run --shard I/N`.
+
+    Shards of one sweep have identical specs apart from the output folder."""
+    info = run.info or {}
+    shard = info.get("shard")
+    if not isinstance(shard, dict):
+        return None
+    spec = {k: v for k, v in (info.get("spec") or {}).items() if k != "out"}
+    count = shard.get("count")
+    return json.dumps([spec, count], sort_keys=True), int(shard.get("index", -1)), int(count)
+
+
+def merge_shards(runs: list[Run]) -> list[Run]:
+    """One Run per sharded sweep: its shard folders' records together, labelled by the
+    spec's name, placed where its first shard was given. Other runs are kept as they are."""
+    merged: list[Run] = []
+    by_key: dict[str, Run] = {}
+    seen: dict[tuple[str, int], Path] = {}
+    for run in runs:
+        shard = _shard_of(run)
+        if shard is None:
+            merged.append(run)
+            continue
+        key, index, count = shard
+        if (key, index) in seen:
+            raise UserError(
+                f"shard {index}/{count} of one sweep given twice: {seen[(key, index)]} "
+                f"and {run.path}"
+            )
+        seen[(key, index)] = run.path
+        if key not in by_key:
+            name = str(((run.info or {}).get("spec") or {}).get("name") or run.label)
+            info = {**(run.info or {}), "shards": []}
+            by_key[key] = Run(run.path, name, [], info)
+            merged.append(by_key[key])
+        whole = by_key[key]
+        ids = {r["sae_id"] for r in whole.records}
+        clash = sorted({r["sae_id"] for r in run.records} & ids)
+        if clash:
+            raise UserError(f"SAE '{clash[0]}' appears in two shards of one sweep ({run.path})")
+        whole.records.extend(run.records)
+        whole.info["shards"].append({"index": index, "count": count, "path": str(run.path)})
+    return merged
+
+
 def load_runs(paths: list[Path]) -> list[Run]:
-    """Load run folders, labelled by folder name (by path where two names clash)."""
-    runs = [load_run(Path(p)) for p in paths]
+    """Load run folders, labelled by folder name (by path where two names clash); the
+    shard folders of one sweep (`dictbench run --shard`) become one run."""
+    runs = merge_shards([load_run(Path(p)) for p in paths])
     names = [r.label for r in runs]
     for r in runs:
         if names.count(r.label) > 1:

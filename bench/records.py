@@ -29,6 +29,7 @@ def write_record(
     details: dict[str, Any],
     eval_tokens: int,
     context: dict[str, Any],
+    wall_seconds: float | None = None,
 ) -> Path:
     record = {
         "sae_id": sae_id,
@@ -41,6 +42,8 @@ def write_record(
         "dictbench_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if wall_seconds is not None:  # what the task cost here: the machine, not the SAE
+        record["wall_seconds"] = round(float(wall_seconds), 3)
     path = run_dir / "results" / sae_id / f"{task}.json"
     atomic.write_json(path, record)
     return path

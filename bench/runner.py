@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from dictbench import __version__, atomic, checkpoint, faults, registry, resume
-from dictbench.cache import default_cache_root, prepare, run_harvest
+from dictbench import __version__, atomic, checkpoint, distributed, faults, registry, resume
+from dictbench.cache import ActivationStore, default_cache_root, prepare, run_harvest
 from dictbench.checkpoint import CheckpointPlan
 from dictbench.errors import UserError
 from dictbench.leaderboard import table
@@ -31,7 +31,8 @@ from dictbench.trainer import TrainingFailed, train
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if distributed.is_main():  # in a data-parallel run, rank 0 speaks for all
+        print(msg, flush=True)
 
 
 @dataclass
@@ -108,7 +109,25 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
+class _NoLock:
+    """What ranks other than 0 hold: they never write into the run folder."""
+
+    took_over = None
+
+    def __enter__(self) -> _NoLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _run_lock(out: Path) -> RunLock | _NoLock:
+    return RunLock(out) if distributed.is_main() else _NoLock()
+
+
 def _check_writable(out: Path) -> None:
+    if not distributed.is_main():
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
@@ -118,16 +137,45 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--out: cannot write to '{out}' ({e.strerror})") from e
 
 
-def run(spec: RunSpec, resume: bool = False) -> Path:
+def shard_saes(planned: list[PlannedSAE], shard: tuple[int, int]) -> list[PlannedSAE]:
+    """The SAEs of shard ``i`` of ``n`` of a sweep: every n-th in the spec's order, from i.
+    Each SAE's seed and data do not depend on the others, so shards run anywhere."""
+    i, n = shard
+    mine = planned[i::n]
+    if not mine:
+        raise UserError(
+            f"--shard {i}/{n}: no SAE falls in this shard (the spec plans {len(planned)})"
+        )
+    return mine
+
+
+def _sequence_windows(spec: RunSpec) -> int:
+    """Whole windows per step of the sequence-batch (e2e) methods, as trainer.train has it."""
+    from dictbench.corpus import keep_positions
+
+    kept = int(keep_positions(spec.corpus.ctx_len).sum())
+    return max(1, spec.budget.batch_size // kept)
+
+
+def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = None) -> Path:
     """Run ``spec`` end to end. With ``resume``, continue the interrupted run in its out
     folder: finished SAEs and task records are kept, training continues from its last
-    checkpoint, and the results equal those of an uninterrupted run."""
+    checkpoint, and the results equal those of an uninterrupted run. With ``shard`` (i, n),
+    run only shard i of n of the sweep (see ``shard_saes``). Under torchrun every process
+    calls this; bench/distributed.py says who does what."""
     t_start = time.perf_counter()
     timings: dict[str, Any] = {}
     planned = plan_saes(spec)
-    out = Path(spec.out or Path("runs") / spec.name)
+    if shard is not None:
+        planned = shard_saes(planned, shard)
+    distributed.refuse_unsupported(planned, spec.budget.batch_size, _sequence_windows(spec))
+    default_out = Path("runs") / (
+        spec.name if shard is None else f"{spec.name}-shard{shard[0]}of{shard[1]}"
+    )
+    out = Path(spec.out or default_out)
+    shard_info = None if shard is None else {"index": shard[0], "count": shard[1]}
     if spec.synthetic is not None:
-        return _run_synthetic(spec, resume, out, planned, timings, t_start)
+        return _run_synthetic(spec, resume, out, planned, timings, t_start, shard_info)
 
     t = time.perf_counter()
     log(f"loading subject model {spec.model.name} ...")
@@ -140,19 +188,35 @@ def run(spec: RunSpec, resume: bool = False) -> Path:
     # Choosing the token windows first makes corpus errors (too short, bad field) fail
     # the run before it writes anything.
     pending_train = prepare(
-        subject, spec.hook, spec.corpus, "train", spec.budget.train_tokens, spec.seed, cache_root
+        subject,
+        spec.hook,
+        spec.corpus,
+        "train",
+        spec.budget.train_tokens,
+        spec.seed,
+        cache_root,
+        log=log,
     )
     pending_eval = prepare(
-        subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, cache_root
+        subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, cache_root, log=log
     )
     timings["tokenize_s"] = time.perf_counter() - t
 
     _check_writable(out)
-    with RunLock(out) as lock:
+    with _run_lock(out) as lock:
         if lock.took_over:
             log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
         return _run_locked(
-            spec, resume, out, subject, planned, pending_train, pending_eval, timings, t_start
+            spec,
+            resume,
+            out,
+            subject,
+            planned,
+            pending_train,
+            pending_eval,
+            timings,
+            t_start,
+            shard_info,
         )
 
 
@@ -163,6 +227,7 @@ def _run_synthetic(
     planned: list[PlannedSAE],
     timings: dict[str, Any],
     t_start: float,
+    shard: dict[str, int] | None = None,
 ) -> Path:
     """A run on generated activations with a known dictionary: no model, corpus or
     harvest. Methods that train through the model past the hook cannot run here."""
@@ -188,11 +253,11 @@ def _run_synthetic(
     _check_writable(out)
     # One thread: these matrices are tiny, so a second thread only adds synchronisation
     # (and stalls badly on a busy machine), and a fixed count keeps results reproducible.
-    with RunLock(out) as lock, one_thread():
+    with _run_lock(out) as lock, one_thread():
         if lock.took_over:
             log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
         return _run_locked(
-            spec, resuming, out, None, kept, train_store, eval_store, timings, t_start
+            spec, resuming, out, None, kept, train_store, eval_store, timings, t_start, shard
         )
 
 
@@ -219,9 +284,13 @@ def _run_locked(
     pending_eval: Any,
     timings: dict[str, Any],
     t_start: float,
+    shard: dict[str, int] | None = None,
 ) -> Path:
     """Everything that writes into ``out``, done while this process holds its lock."""
-    previous = _previous_run(out, spec) if resuming else None
+    main = distributed.is_main()
+    previous = _previous_run(out, spec) if resuming and main else None
+    if resuming:  # every rank must know whether SAEs resume (they load checkpoints together)
+        previous = distributed.broadcast_object(previous)
     run_info: dict[str, Any] = {
         "status": "running",
         "spec": spec.to_dict(),
@@ -232,16 +301,31 @@ def _run_locked(
         "saes": [p.sae_id for p in planned],
         "timings": timings,
     }
+    if shard is not None:  # the leaderboard merges the shards of one sweep
+        run_info["shard"] = shard
+        if previous is not None and previous.get("shard") != shard:
+            raise UserError(
+                f"--resume: {out} holds shard {previous.get('shard')} of a sweep, not {shard}"
+            )
+    if distributed.world() > 1:
+        grp = distributed.group()
+        run_info["data_parallel"] = {"world_size": distributed.world(), "backend": grp.backend}
     if previous is not None:
         run_info["resumed"] = int(previous.get("resumed", 0)) + 1
-    atomic.write_json(out / "run.json", run_info)
+    if main:
+        atomic.write_json(out / "run.json", run_info)
 
     t = time.perf_counter()
-    train_store = run_harvest(subject, spec.hook, pending_train)
-    timings["harvest_train_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    eval_store = run_harvest(subject, spec.hook, pending_eval)
-    timings["harvest_eval_s"] = time.perf_counter() - t
+    if main:  # rank 0 harvests (the cache entry appears complete or not at all) ...
+        train_store = run_harvest(subject, spec.hook, pending_train, log=log)
+        timings["harvest_train_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        eval_store = run_harvest(subject, spec.hook, pending_eval, log=log)
+        timings["harvest_eval_s"] = time.perf_counter() - t
+    distributed.barrier()  # ... while the others wait, then open the same entries
+    if not main:
+        train_store = _open_harvested(pending_train)
+        eval_store = _open_harvested(pending_eval)
     run_info["caches"] = {
         "train": {"path": str(train_store.path), "reused": train_store.reused},
         "eval": {"path": str(eval_store.path), "reused": eval_store.reused},
@@ -267,11 +351,22 @@ def _run_locked(
             failed.append(p.sae_id)
     timings["total_s"] = time.perf_counter() - t_start
     run_info.update(status="complete", failed=failed)
+    if not main:
+        return out
     atomic.write_json(out / "run.json", run_info)
     log("")
     log(table(out))
     log(f"\nresults in {out}; total wall time {timings['total_s']:.1f} s")
     return out
+
+
+def _open_harvested(pending: Any) -> ActivationStore:
+    """The entry rank 0 has just harvested or verified (sizes checked; not re-hashed)."""
+    if isinstance(pending, ActivationStore):
+        return pending
+    return ActivationStore.open(
+        pending.final, reused=True, expect=(pending.fingerprint, pending.ident), checksums=False
+    )
 
 
 def build_env(
@@ -344,24 +439,30 @@ def score_sae(
         by_window.setdefault(task.max_tokens(env), []).append(task)
     results = {}
 
-    def record(name: str, res: Any) -> None:
+    def record(name: str, res: Any, seconds: float) -> None:
         # Written as soon as the task is done, so an interrupted run keeps it (--resume).
         results[name] = res
-        write_record(out, sae_id, method, name, res.metrics, res.details, res.eval_tokens, context)
+        write_record(
+            out, sae_id, method, name, res.metrics, res.details, res.eval_tokens, context, seconds
+        )
         faults.point(f"record:{sae_id}/{name}")
 
     for window, group in by_window.items():
         accs = [task.accumulator(sae, env) for task in group]
-        for task, res in zip(group, env.token_pass(sae, accs, window), strict=True):
-            record(task.name, res)
+        t0 = time.perf_counter()
+        outs = env.token_pass(sae, accs, window)
+        shared = time.perf_counter() - t0  # one pass serves the group: each record has it
+        for task, res in zip(group, outs, strict=True):
+            record(task.name, res, shared)
     for task in other:
         log(f"scoring {sae_id}: {task.name} ...")
+        t0 = time.perf_counter()
         try:
             res = task.run(sae, env)
         except TaskSkipped as e:
             log(f"skipping task {task.name} for {sae_id}: {e}")
             continue
-        record(task.name, res)
+        record(task.name, res, time.perf_counter() - t0)
     return results
 
 
@@ -377,10 +478,13 @@ def _train_and_score(
     timings: dict[str, Any],
     resuming: bool = False,
 ) -> bool:
+    main = distributed.is_main()
     if resuming:
-        done = _resume_sae(p, subject, env, tasks, out, context, timings)
+        done = _resume_sae(p, subject, env, tasks, out, context, timings) if main else None
+        done = distributed.broadcast_object(done)  # rank 0 read the folder for everyone
         if done is not None:
             return done
+    distributed.barrier()  # others wait here (on the CPU) while rank 0 scores the last SAE
     cls = p.cls
     cfg = cls.config_class(d_in=train_store.acts.shape[-1], d_sae=spec.budget.d_sae, **p.params)
     torch.manual_seed(spec.seed)  # same init stream for every SAE in the run
@@ -422,12 +526,16 @@ def _train_and_score(
             ckpt=ckpt,
         )
     except TrainingFailed as e:
+        if not main:
+            return False
         kept = ckpt.path if ckpt.path.exists() else None
         log(f"training failed: {e}" + (f" (last good checkpoint: {kept})" if kept else ""))
         details = {"error": str(e), "status": "failed", "failed_at_step": e.step}
         details["last_checkpoint"] = str(kept) if kept else None
         write_record(out, p.sae_id, p.method, "training", {}, details, 0, context)
         return False
+    if not main:  # rank 0 saves and scores the SAE every rank holds
+        return True
     if rec.input_scale != 1.0:
         sae.fold_input_scale(rec.input_scale)
     sae.eval()
@@ -487,7 +595,7 @@ def _resume_sae(
         log(f"--resume: {p.sae_id} is complete; skipped")
         return True
     log(f"--resume: {p.sae_id} is trained; scoring {', '.join(t.name for t in todo)}")
-    sae, _ = load_sae(out / "saes" / p.sae_id)
+    sae, _ = load_sae(out / "saes" / p.sae_id, trust_code=True)  # our run: its spec named it
     sae.to(env.device)
     t = time.perf_counter()
     score_sae(sae, p.sae_id, p.method, todo, env, out, context)

@@ -104,12 +104,24 @@ def save_sae(sae: torch.nn.Module, folder: Path, extra: dict[str, Any]) -> None:
     atomic.write_json(folder / CONFIG, cfg)
 
 
-def load_sae(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_sae(
+    folder: str | Path, trust_code: bool = False
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The SAE saved in ``folder``. A cfg.json naming a class as ``module:Class`` (a
+    method outside dictbench) would make us import that module, which runs its code:
+    such folders load only with ``trust_code`` (our own run folders, or a user's
+    ``--trust-code``); registered and entry-point baselines load always."""
     folder = sae_folder(folder)
     weights, cfg_path = folder / WEIGHTS, folder / CONFIG
     cfg = read_config(cfg_path)
     if not isinstance(cfg.get("baseline"), str) or not cfg["baseline"]:
         raise UserError(f"{cfg_path}: no 'baseline' field, so not an SAE saved by dictbench")
+    if ":" in cfg["baseline"] and not trust_code:
+        raise UserError(
+            f"{cfg_path}: its baseline '{cfg['baseline'][:200]}' is a class outside dictbench, "
+            "and loading it imports and runs that module; pass --trust-code if you trust "
+            "this folder"
+        )
     if not isinstance(cfg.get("config", {}), dict):
         raise UserError(f"{cfg_path}: 'config' must be a JSON object")
     cls = registry.get_baseline(cfg["baseline"])

@@ -328,10 +328,10 @@ def recorded_run_spec(sae_dir: Path, cfg: dict[str, Any]) -> dict[str, Any] | No
     return spec
 
 
-def export(sae_dir: str | Path, out: str | Path) -> Path:
+def export(sae_dir: str | Path, out: str | Path, trust_code: bool = False) -> Path:
     """Write the dictbench SAE in ``sae_dir`` as a SAELens folder ``out``."""
     folder = sae_folder(sae_dir)
-    sae, cfg = load_sae(folder)
+    sae, cfg = load_sae(folder, trust_code=trust_code)
     module = to_saelens(sae)
     for key in ("hook", "model"):
         if not isinstance(cfg.get(key), str):

@@ -9,6 +9,7 @@ hooks for what is method-specific.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dictbench import checkpoint, faults
+from dictbench import checkpoint, distributed, faults
 from dictbench.cache import ActivationStore
 from dictbench.checkpoint import CheckpointError, CheckpointPlan, TrainState
+from dictbench.errors import UserError
 from dictbench.spec import BudgetSpec
 
 
@@ -140,6 +142,13 @@ def flops_per_token(sae: torch.nn.Module) -> float:
     return 6.0 * 2 * d_in * d_sae
 
 
+def make_optimizer(params: Any, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """Adam, one tensor at a time. Its fused kernel was a third faster at a batch of 128
+    tokens but broke bit-exact --resume (a resumed run drifted by ~1e-2 from an
+    uninterrupted one in tests/reliability/test_checkpoints.py), so it stays off."""
+    return torch.optim.Adam(list(params), lr=lr, betas=betas)
+
+
 def train(
     sae: Any,
     sae_id: str,
@@ -176,8 +185,11 @@ def train(
         windows = window_order(store, seed)
         keep_t = torch.from_numpy(keep_np).to(device)
 
+        n_items = seqs
+        lo, hi = distributed.shard(seqs)  # this rank's whole windows (all of them alone)
+
         def get_batch(step: int) -> Any:
-            idx = np.sort(windows[step * seqs : (step + 1) * seqs])
+            idx = np.sort(windows[step * seqs + lo : step * seqs + hi])
             acts = torch.from_numpy(np.ascontiguousarray(store.acts[idx])).to(device) * scale
             ids = torch.from_numpy(store.tokens[idx].astype(np.int64))
             return SequenceBatch(acts, ids, keep_t)
@@ -185,9 +197,12 @@ def train(
         sae.downstream = DownstreamHandle(subject, hook, scale)
     else:
         per_step = budget.batch_size
+        n_items = per_step
+        lo, hi = distributed.shard(per_step)  # this rank's rows of each global batch
 
         def get_batch(step: int) -> Any:
-            return gather(store, order[step * per_step : (step + 1) * per_step]).to(device) * scale
+            rows = order[step * per_step + lo : step * per_step + hi]
+            return gather(store, rows).to(device) * scale
 
     steps = budget.train_tokens // per_step
     if steps * per_step > len(order):
@@ -206,7 +221,12 @@ def train(
         )
     if hasattr(sae, "on_train_start"):
         sae.on_train_start(steps, sample)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+    dp = distributed.group()  # data-parallel across ranks (bench/distributed.py), or None
+    if dp is not None:
+        if (hi - lo) * dp.world != n_items:
+            raise UserError(f"{sae_id}: a training batch does not split into {dp.world} shards")
+        distributed.broadcast_module(sae)  # every rank starts from rank 0's weights
+    opt = make_optimizer(sae.parameters(), lr, betas)
     d_sae = sae.W_dec.shape[0]
     dead_window_start = int(steps * 0.75)
     fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
@@ -222,7 +242,13 @@ def train(
             "input_scale": scale,
             "sequence_mode": sequence_mode,
         }
-        if ckpt.resume and ckpt.path.exists():
+        if dp is not None and ckpt.resume:
+            # Every rank loads the bytes rank 0 reads: the same state, even when the run
+            # folder is not shared with the other nodes.
+            start, fired, terms, wall_before, has_latents = _resume_sharded(
+                ckpt, identity, sae, opt, device, sae_id, steps, fired
+            )
+        elif ckpt.resume and ckpt.path.exists():
             try:
                 st = checkpoint.load(ckpt.path, identity, sae, opt, device)
             except CheckpointError as e:
@@ -237,14 +263,19 @@ def train(
         if not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
             last = next_step - 1
             raise TrainingFailed(f"{sae_id}: non-finite weights after step {last}", last)
+        fired_all = distributed.any_across(fired)  # the latents any rank saw fire
         state = TrainState(
-            next_step, fired, terms, wall_before + time.perf_counter() - t0, has_latents
+            next_step, fired_all, terms, wall_before + time.perf_counter() - t0, has_latents
         )
-        checkpoint.save(ckpt.path, identity, sae, opt, state, steps, device)
+        if distributed.is_main():  # the only writer
+            checkpoint.save(ckpt.path, identity, sae, opt, state, steps, device)
 
     t0 = time.perf_counter()
     step = start
+    params = list(sae.parameters())
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(distributed.sharded())
         bar = tqdm(
             range(start, steps),
             initial=start,
@@ -252,12 +283,13 @@ def train(
             desc=f"train {sae_id}",
             unit="step",
             mininterval=2.0,
+            **({} if distributed.is_main() else {"disable": True}),  # one bar per run
         )
         for step in bar:
             faults.point(f"train:{sae_id}:step={step}")
             batch = get_batch(step)
             acts = batch.acts if isinstance(batch, SequenceBatch) else batch
-            if not bool(torch.isfinite(acts).all()):
+            if dp is None and not bool(torch.isfinite(acts).all()):
                 raise TrainingFailed(
                     f"{sae_id}: non-finite activations in the training batch at step {step}", step
                 )
@@ -266,10 +298,12 @@ def train(
                     step, steps, budget.lr_warmup_frac, budget.lr_decay_frac
                 )
             out = sae.loss(batch, step)
-            if not torch.isfinite(out.total):
+            if dp is None and not torch.isfinite(out.total):
                 raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}", step)
             opt.zero_grad(set_to_none=True)
             out.total.backward()
+            if dp is not None:
+                _average_and_check(params, acts, out.total, sae_id, step)
             if hasattr(sae, "before_optimizer_step"):
                 sae.before_optimizer_step()
             if grad_clip:
@@ -282,8 +316,7 @@ def train(
             if step >= dead_window_start and latents is not None:
                 fired |= (latents > 0).any(0)
             if step % 20 == 0 or step == steps - 1:
-                terms = {k: float(v) for k, v in out.terms.items()}
-                terms = {"total": float(out.total.detach()), **terms}
+                terms = _mean_terms({"total": out.total.detach(), **out.terms})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
             if ckpt is not None and ckpt.every and (step + 1) % ckpt.every == 0:
                 if step + 1 < steps:
@@ -291,7 +324,11 @@ def train(
         bar.close()
         if ckpt is not None and start < steps:
             save_checkpoint(steps)
+        fired = distributed.any_across(fired)
+        if not distributed.same_on_all_ranks(sae):
+            raise TrainingFailed(f"{sae_id}: the ranks' weights differ after training", steps - 1)
     finally:
+        stack.close()
         if sequence_mode:
             sae.downstream = None  # the handle holds the model; the trained SAE must not
     wall = wall_before + time.perf_counter() - t0
@@ -306,3 +343,61 @@ def train(
         train_frac_dead=float(1 - fired.float().mean()) if has_latents else None,
         train_dead_window_tokens=window if has_latents else 0,
     )
+
+
+def _mean_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Logged loss terms of the global batch: the mean over ranks of the shards' per-token
+    means (exact for equal shards); the shard's own values in one process."""
+    if distributed.group() is None or not terms:
+        return {k: float(v) for k, v in terms.items()}
+    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+    vals = distributed.sum_across(vals) / distributed.world()
+    return dict(zip(terms, vals.tolist(), strict=True))
+
+
+def _average_and_check(
+    params: list[torch.Tensor], acts: torch.Tensor, total: torch.Tensor, sae_id: str, step: int
+) -> None:
+    """Average gradients over ranks and stop every rank at once on non-finite data or loss
+    (a rank that stopped alone would leave the others waiting)."""
+    bad = torch.stack(
+        [(~torch.isfinite(acts).all()).float(), (~torch.isfinite(total.detach())).float()]
+    )
+    acts_bad, loss_bad = distributed.average_grads(params, bad).tolist()
+    if acts_bad:
+        raise TrainingFailed(
+            f"{sae_id}: non-finite activations in the training batch at step {step}", step
+        )
+    if loss_bad:
+        raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}", step)
+
+
+def _resume_sharded(
+    ckpt: CheckpointPlan,
+    identity: dict[str, Any],
+    sae: Any,
+    opt: torch.optim.Optimizer,
+    device: str,
+    sae_id: str,
+    steps: int,
+    fired: torch.Tensor,
+) -> tuple[int, torch.Tensor, dict[str, float], float, bool]:
+    """``--resume`` in a data-parallel run: rank 0 reads the checkpoint and sends its bytes,
+    every rank restores from those bytes, so all continue from one state."""
+    import tempfile
+    from pathlib import Path
+
+    raw = ckpt.path.read_bytes() if distributed.is_main() and ckpt.path.exists() else None
+    raw = distributed.broadcast_object(raw)
+    if raw is None:
+        return 0, fired, {}, 0.0, False
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ckpt.path.name
+        path.write_bytes(raw)
+        try:
+            st = checkpoint.load(path, identity, sae, opt, device)
+        except CheckpointError as e:
+            ckpt.log(f"{sae_id}: checkpoint {ckpt.path} not used: {e}; training from step 0")
+            return 0, fired, {}, 0.0, False
+    ckpt.log(f"{sae_id}: resuming training at step {st.step} of {steps} ({ckpt.path})")
+    return st.step, st.fired, st.terms, st.wall_seconds, st.has_latents

@@ -24,6 +24,7 @@ def _run(args: argparse.Namespace) -> int:
         out=args.out,
         sae_id=args.sae_id,
         mean_tokens=args.mean_tokens,
+        trust_code=args.trust_code,
     )
     return 0
 
@@ -62,5 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="training tokens for the mean-ablation baseline when the spec's training cache "
         "is absent (default: as many as the evaluation split)",
+    )
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow an SAE whose cfg.json names a class outside dictbench (module:Class); "
+        "loading it imports that module",
     )
     p.set_defaults(func=_run)

@@ -10,7 +10,7 @@ FORMATS = ("saelens",)
 def _run(args: argparse.Namespace) -> int:
     from dictbench import saelens
 
-    out = saelens.export(args.sae_dir, args.out)
+    out = saelens.export(args.sae_dir, args.out, trust_code=args.trust_code)
     print(f"wrote {args.format} SAE to {out}")
     return 0
 
@@ -29,4 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--format", choices=FORMATS, default="saelens", help="target layout (default: saelens)"
     )
     p.add_argument("out", metavar="OUT", help="folder to create (must not exist, or be empty)")
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow an SAE whose cfg.json names a class outside dictbench (module:Class); "
+        "loading it imports that module",
+    )
     p.set_defaults(func=_run)

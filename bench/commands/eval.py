@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dictbench.commands import add_trust_code_flag
+
 
 def _tasks(value: str) -> list[str]:
     names = [t.strip() for t in value.split(",") if t.strip()]
@@ -64,10 +66,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="training tokens for the mean-ablation baseline when the spec's training cache "
         "is absent (default: as many as the evaluation split)",
     )
-    p.add_argument(
-        "--trust-code",
-        action="store_true",
-        help="allow an SAE whose cfg.json names a class outside dictbench (module:Class); "
-        "loading it imports that module",
-    )
+    add_trust_code_flag(p)
     p.set_defaults(func=_run)

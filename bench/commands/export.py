@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dictbench.commands import add_trust_code_flag
+
 FORMATS = ("saelens",)
 
 
@@ -29,10 +31,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--format", choices=FORMATS, default="saelens", help="target layout (default: saelens)"
     )
     p.add_argument("out", metavar="OUT", help="folder to create (must not exist, or be empty)")
-    p.add_argument(
-        "--trust-code",
-        action="store_true",
-        help="allow an SAE whose cfg.json names a class outside dictbench (module:Class); "
-        "loading it imports that module",
-    )
+    add_trust_code_flag(p)
     p.set_defaults(func=_run)

@@ -28,6 +28,10 @@ class LossOutput:
     # The batch's latents (detached), when the method has them: lets the trainer track
     # which latents fire without a second encode.
     latents: torch.Tensor | None = None
+    # Or only which latents fired in the batch (bool [d_sae]): a method that never builds
+    # the dense [batch, d_sae] latent matrix (TopK's firing pairs) gives this instead,
+    # and the trainer prefers it to ``latents``.
+    fired: torch.Tensor | None = None
 
 
 @dataclass

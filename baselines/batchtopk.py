@@ -66,17 +66,20 @@ class BatchTopKSAE(TopKSAE):
         idx = top_flat_indices(flat, n_keep)  # row-major: grouped by token
         return idx // pre.shape[-1], idx % pre.shape[-1]
 
-    def observe(self, z: torch.Tensor) -> None:
-        super().observe(z)
+    def observe(self, cols: torch.Tensor, vals: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        fired = super().observe(cols, vals, n_tokens)
         # Smallest positive kept activation; a batch with none leaves the EMA alone.
         # Written with torch.where so that a GPU never waits on a host-side branch.
-        smallest = min_across(torch.where(z > 0, z, torch.inf).amin())  # over the global batch
+        inf = vals.new_full((1,), torch.inf)
+        positive = torch.cat([torch.where(vals > 0, vals, torch.inf), inf])
+        smallest = min_across(positive.amin())  # over the global batch
         seen = torch.isfinite(smallest)
         beta, w = self.cfg.threshold_beta, self.threshold_weight
         new_w = beta * w + (1 - beta)
         new_t = (beta * w * self.threshold + (1 - beta) * smallest) / new_w
         self.threshold.copy_(torch.where(seen, new_t, self.threshold))
         self.threshold_weight.copy_(torch.where(seen, new_w, w))
+        return fired
 
     def fold_input_scale(self, scale: float) -> None:
         super().fold_input_scale(scale)
@@ -95,7 +98,10 @@ def top_flat_indices(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long, device=flat.device)
     pos = flat.numel() - n_keep
     if flat.device.type == "cpu":
-        cut = float(np.partition(flat.detach().numpy(), pos)[pos])
+        values = flat.detach()
+        if values.dtype not in (torch.float32, torch.float64):  # e.g. bf16 under autocast
+            values = values.float()
+        cut = float(np.partition(values.numpy(), pos)[pos])
     else:
         cut = float(torch.kthvalue(flat, pos + 1).values)
     above = torch.nonzero(flat > cut).squeeze(1)

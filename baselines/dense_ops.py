@@ -9,7 +9,7 @@ backward that gets ``b_dec``'s gradient from the bias gradient instead
 the same matmul as ``W_enc``'s by appending a column of ones to the input, so the
 [B, d_sae] gradient is read once. ``x`` is data: it gets no gradient.
 
-tests/test_dense_ops.py checks values and gradients against the plain formulas.
+tests/test_fast_paths.py checks values and gradients against the plain formulas.
 """
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+def autocast_on(t: torch.Tensor) -> bool:
+    """Whether torch.autocast is on for ``t``'s device. The Functions here and in
+    sparse_ops.py assume one dtype from forward to backward, so under autocast (the
+    ``budget.autocast`` option) every entry point computes its plain formula instead
+    and autograd with autocast's casts does the rest."""
+    return torch.is_autocast_enabled(t.device.type)
 
 
 class _CentredEncoder(torch.autograd.Function):
@@ -61,49 +69,139 @@ def centred_encoder(
 ) -> torch.Tensor:
     """``(x - b_dec) @ W_enc + b_enc`` (either bias may be None) without the wasted
     input-gradient matmul; ``x`` is treated as data."""
+    if autocast_on(x):
+        pre = (x.detach() - b_dec if b_dec is not None else x.detach()) @ W_enc
+        return pre if b_enc is None else pre + b_enc
     return _CentredEncoder.apply(x.detach(), b_dec, W_enc, b_enc)
 
 
-class _ReluEncoder(torch.autograd.Function):
-    """ReLU((x - b_dec) W_enc + b_enc) given its value, computed without a graph."""
-
-    @staticmethod
-    def forward(ctx: Any, f, x, b_dec, W_enc, b_enc):  # type: ignore[override]
-        ctx.save_for_backward(f, x, b_dec, W_enc)
-        ctx.has_b_dec = b_dec is not None
-        return f.view_as(f)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        f, x, b_dec, W_enc = ctx.saved_tensors
-        g_pre = torch.ops.aten.threshold_backward(grad, f, 0.0)
-        grads = _CentredEncoder.backward(_Saved(ctx, x, b_dec, W_enc), g_pre)
-        return (None, *grads)
-
-
 class _Saved:
-    """Stand-in for a ctx so _CentredEncoder.backward can serve _ReluEncoder."""
+    """Stand-in for a ctx so _CentredEncoder.backward can serve the Functions below.
 
-    def __init__(self, ctx: Any, x: torch.Tensor, b_dec: torch.Tensor | None, W_enc):
-        xc = x - b_dec if ctx.has_b_dec else x
+    ``needs`` is the needs_input_grad of (x, b_dec, W_enc, b_enc)."""
+
+    def __init__(self, ctx: Any, x, b_dec, W_enc, has_b_dec: bool, needs) -> None:
+        xc = x - b_dec if has_b_dec else x
         self.saved_tensors = (xc, W_enc)
-        self.has_b_dec = ctx.has_b_dec
+        self.has_b_dec = has_b_dec
         self.has_b_enc = True
-        self.needs_input_grad = ctx.needs_input_grad[1:]
+        self.needs_input_grad = tuple(needs)
 
 
-def relu_encoder(
+class _ReluSAEDense(torch.autograd.Function):
+    """x_hat and the (weighted) L1 sum of a ReLU SAE from its already computed latents.
+
+    One Function so the backward can add the penalty's gradient to the decoder's in
+    place and apply the ReLU mask in place: autograd would allocate a [B, d_sae] sum
+    and a masked copy, two extra passes over the largest tensor of the step."""
+
+    @staticmethod
+    def forward(ctx: Any, f, x, b_dec_in, W_enc, b_enc, W_dec, b_dec, w):  # type: ignore[override]
+        col_sum = f.sum(0)
+        penalty = col_sum.sum() if w is None else col_sum @ w
+        ctx.save_for_backward(f, x, b_dec_in, W_enc, W_dec, col_sum, w)
+        ctx.has_b_dec_in = b_dec_in is not None
+        ctx.has_w = w is not None
+        return torch.addmm(b_dec, f, W_dec), penalty
+
+    @staticmethod
+    def backward(ctx: Any, g_xhat: torch.Tensor, g_pen: torch.Tensor):  # type: ignore[override]
+        f, x, b_dec_in, W_enc, W_dec, col_sum, w = ctx.saved_tensors
+        g_xhat = g_xhat.contiguous()
+        need = ctx.needs_input_grad
+        g_W_dec = f.t() @ g_xhat if need[5] else None
+        g_b_dec = g_xhat.sum(0) if need[6] else None
+        g_w = g_pen * col_sum if ctx.has_w and need[7] else None
+        g_f = g_xhat @ W_dec.t()
+        g_f.add_(g_pen * w if ctx.has_w else g_pen)
+        torch.ops.aten.threshold_backward.grad_input(g_f, f, 0.0, grad_input=g_f)
+        saved = _Saved(ctx, x, b_dec_in, W_enc, ctx.has_b_dec_in, need[1:5])
+        _, g_b_dec_in, g_W_enc, g_b_enc = _CentredEncoder.backward(saved, g_f)
+        return None, None, g_b_dec_in, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_w
+
+
+def relu_sae_dense(
     f: torch.Tensor,
     x: torch.Tensor,
-    b_dec: torch.Tensor | None,
+    b_dec_in: torch.Tensor | None,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
-) -> torch.Tensor:
-    """``f = ReLU((x - b_dec) @ W_enc + b_enc)``, already computed under no_grad, given
-    the encoder's gradients: the step computes the dictionary-sized pre-activations
-    once, looks at them (how many latents fire), and only then picks a dense or a
-    sparse backward, without a second encoder matmul."""
-    return _ReluEncoder.apply(f.detach(), x.detach(), b_dec, W_enc, b_enc)
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    w: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f W_dec + b_dec, sum_{b,i} f_bi w_i)`` (w None: all ones) for
+    ``f = ReLU((x - b_dec_in) W_enc + b_enc)`` already computed under no_grad, with
+    every parameter's gradient: the dense step of an L1-family SAE in the matmuls it
+    needs (five) plus a few in-place passes."""
+    if autocast_on(x):
+        f = torch.relu(centred_encoder(x, b_dec_in, W_enc, b_enc))
+        col_sum = f.float().sum(0)
+        return f @ W_dec + b_dec, (col_sum.sum() if w is None else col_sum @ w)
+    return _ReluSAEDense.apply(f.detach(), x.detach(), b_dec_in, W_enc, b_enc, W_dec, b_dec, w)
+
+
+class _GatedDense(torch.autograd.Function):
+    """The Gated SAE's dense training terms from its shared pre-activations.
+
+    Autograd through the written-out formula keeps a dozen [B, d_sae] temporaries
+    (two pre-activations, masks, products) and recomputes the encoder matmul; here the
+    backward keeps only f and ReLU(pi_gate) (their positive entries are the masks:
+    f > 0 exactly where the gate is open and pi_mag > 0) and works in place."""
+
+    @staticmethod
+    def forward(ctx: Any, shared, x, b_dec, W_enc, b_gate, r_mag, b_mag, W_dec, norms):  # type: ignore[override]
+        scale = r_mag.exp()
+        gate = (shared + b_gate).relu_()
+        f = torch.addcmul(b_mag, shared, scale).relu_()
+        f.masked_fill_(gate == 0, 0.0)
+        gate_col_sum = gate.sum(0)
+        ctx.save_for_backward(shared, x, b_dec, W_enc, scale, W_dec, norms, f, gate, gate_col_sum)
+        x_hat = torch.addmm(b_dec, f, W_dec)
+        frozen = torch.addmm(b_dec, gate, W_dec)  # the aux term's stop-gradient decoder
+        ctx.mark_non_differentiable(f)
+        return x_hat, gate_col_sum @ norms, frozen, f
+
+    @staticmethod
+    def backward(ctx: Any, g_xhat, g_pen, g_frozen, _g_f):  # type: ignore[override]
+        shared, x, b_dec, W_enc, scale, W_dec, norms, f, gate, gate_col_sum = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_xhat = g_xhat.contiguous()
+        g_W_dec = f.t() @ g_xhat if need[7] else None
+        g_norms = g_pen * gate_col_sum if need[8] else None
+        g_mag = g_xhat @ W_dec.t()  # dL/df, then dL/dpi_mag
+        torch.ops.aten.threshold_backward.grad_input(g_mag, f, 0.0, grad_input=g_mag)
+        g_gate = g_frozen.contiguous() @ W_dec.t()  # dL/dReLU(pi_gate), then dL/dpi_gate
+        g_gate.add_(g_pen * norms)
+        torch.ops.aten.threshold_backward.grad_input(g_gate, gate, 0.0, grad_input=g_gate)
+        g_b_gate = g_gate.sum(0) if need[4] else None
+        g_b_mag = g_mag.sum(0) if need[6] else None
+        g_r_mag = (g_mag * shared).sum(0) * scale if need[5] else None
+        g_shared = g_gate.addcmul_(g_mag, scale)
+        saved = _Saved(ctx, x, b_dec, W_enc, True, (False, need[2], need[3], False))
+        _, g_b_dec, g_W_enc, _ = _CentredEncoder.backward(saved, g_shared)
+        if need[2]:
+            g_b_dec = g_b_dec + g_xhat.sum(0)  # the decoder's bias (the aux copy is frozen)
+        return None, None, g_b_dec, g_W_enc, g_b_gate, g_r_mag, g_b_mag, g_W_dec, g_norms
+
+
+def gated_dense(
+    shared: torch.Tensor,
+    x: torch.Tensor,
+    b_dec: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_gate: torch.Tensor,
+    r_mag: torch.Tensor,
+    b_mag: torch.Tensor,
+    W_dec: torch.Tensor,
+    norms: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_hat, sum_bi ReLU(pi_gate)_bi norms_i, frozen x_hat of the aux term, f)`` from
+    ``shared = (x - b_dec) W_enc`` computed under no_grad, with every gradient of the
+    Gated SAE's loss (the aux reconstruction passes none to W_dec or b_dec)."""
+    return _GatedDense.apply(
+        shared.detach(), x.detach(), b_dec, W_enc, b_gate, r_mag, b_mag, W_dec, norms
+    )
 
 
 # Above this fraction of firing (token, latent) pairs the dense matmuls are cheaper than
@@ -111,6 +209,18 @@ def relu_encoder(
 SPARSE_MAX_DENSITY = 0.05
 
 
+# Counting every entry of a [4096, 4608] matrix took ~48 ms (a tenth of a dense step);
+# the decision only picks the faster of two exact paths, so a row sample of at least
+# this many entries is enough.
+DENSITY_SAMPLE = 1 << 20
+
+
 def relu_path_is_sparse(f: torch.Tensor) -> bool:
-    """Whether a step with these latents should take the sparse (firing pairs) path."""
-    return int(torch.count_nonzero(f)) <= SPARSE_MAX_DENSITY * f.numel()
+    """Whether a step with these latents should take the sparse (firing pairs) path,
+    judged on an evenly strided sample of rows when the matrix is large. Never under
+    autocast (see :func:`autocast_on`)."""
+    if autocast_on(f):
+        return False
+    stride = max(1, f.numel() // DENSITY_SAMPLE)
+    sample = f[::stride] if f.dim() > 1 and stride > 1 else f
+    return int(torch.count_nonzero(sample)) <= SPARSE_MAX_DENSITY * sample.numel()

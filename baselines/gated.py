@@ -23,9 +23,10 @@ and dictionary_learning, the *encoder's* input centring (x - b_dec) uses the liv
 b_dec, so b_dec still receives gradient from every term through pi_gate/pi_mag,
 exactly as it does in an L1 SAE's encoder.
 
-Training computes the shared encoder matmul once; when fewer than 5% of gates open
-(a trained Gated SAE), every term goes through the open (token, latent) pairs only
-(``_sparse_terms``), with the same values and gradients as ``loss_terms``.
+Training computes the shared encoder matmul once, then either a fused dense step
+(``_dense_terms``) or, when fewer than 5% of gates open (a trained Gated SAE), every
+term through the open (token, latent) pairs only (``_sparse_terms``); both give the
+values and gradients of the written-out ``loss_terms``.
 
 Parameters use SAELens's Gated names and shapes: W_enc [d_in, d_sae], b_gate,
 r_mag, b_mag [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
@@ -39,7 +40,12 @@ import torch
 from torch import nn
 
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
-from dictbench.baselines.dense_ops import centred_encoder, relu_path_is_sparse
+from dictbench.baselines.dense_ops import (
+    autocast_on,
+    centred_encoder,
+    gated_dense,
+    relu_path_is_sparse,
+)
 from dictbench.baselines.init import (
     geometric_median,
     project_out_radial_grad,
@@ -142,13 +148,35 @@ class GatedSAE(Baseline):
         with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
             shared0 = (batch - self.b_dec) @ self.W_enc
             gate0 = torch.relu(shared0 + self.b_gate)
-        if relu_path_is_sparse(gate0):
+        if autocast_on(batch):  # the fused Functions assume one dtype throughout
+            terms, f = self.loss_terms(batch)
+        elif relu_path_is_sparse(gate0):
             terms, f = self._sparse_terms(batch, shared0, gate0)
         else:
-            terms, f = self.loss_terms(batch)
+            terms, f = self._dense_terms(batch, shared0)
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = terms["mse"] + self.cfg.l1_coefficient * warm * terms["l1"] + terms["aux"]
         return LossOutput(total, {k: v.detach() for k, v in terms.items()}, f.detach())
+
+    def _dense_terms(
+        self, x: torch.Tensor, shared0: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`loss_terms` from the encoder matmul already done, through one fused
+        Function (``dense_ops.gated_dense``): same values and gradients, fewer passes."""
+        x_hat, penalty, frozen, f = gated_dense(
+            shared0,
+            x,
+            self.b_dec,
+            self.W_enc,
+            self.b_gate,
+            self.r_mag,
+            self.b_mag,
+            self.W_dec,
+            self.W_dec.norm(dim=-1),
+        )
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        aux = (frozen - x).pow(2).sum(-1).mean()
+        return {"mse": mse, "l1": penalty / x.shape[0], "aux": aux}, f
 
     def _sparse_terms(
         self, x: torch.Tensor, shared0: torch.Tensor, gate0: torch.Tensor

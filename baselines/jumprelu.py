@@ -144,7 +144,12 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
         return f @ self.W_dec + self.b_dec
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        pre = self.pre_acts(batch)
+        # Float32 even under budget.autocast: the threshold's gradient counts the
+        # pre-activations within eps/2 of it, and eps (0.001 x the input RMS) is below
+        # bf16's resolution at their scale; in bf16 that gradient measured as noise
+        # (cosine 0.35 to float32's, tests/test_autocast.py).
+        with torch.autocast(batch.device.type, enabled=False):
+            pre = self.pre_acts(batch)
         theta = self.threshold
         f = JumpReLUFn.apply(pre, theta, self.eps)
         mse = (self.decode(f) - batch).pow(2).sum(-1).mean()

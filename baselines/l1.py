@@ -27,7 +27,7 @@ from dictbench.baselines.base import (
     UnitNormDecoder,
     warmup_factor,
 )
-from dictbench.baselines.dense_ops import relu_encoder, relu_path_is_sparse
+from dictbench.baselines.dense_ops import relu_path_is_sparse, relu_sae_dense
 from dictbench.baselines.init import geometric_median, unit_rows
 from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
 from dictbench.registry import register_baseline
@@ -75,9 +75,11 @@ class L1SAE(UnitNormDecoder, Baseline):
             x_hat = pairs_decode(pairs, vals, self.W_dec) + self.b_dec
             l1 = vals.sum() / n
         else:
-            f = relu_encoder(f0, batch, self.b_dec, self.W_enc, self.b_enc)
-            x_hat = torch.addmm(self.b_dec, f, self.W_dec)
-            l1 = f.sum(-1).mean()  # f >= 0: |f| = f, and its gradient needs no sign pass
+            # f >= 0, so |f| = f: the L1 term is the plain sum, with no sign pass.
+            x_hat, f_sum = relu_sae_dense(
+                f0, batch, self.b_dec, self.W_enc, self.b_enc, self.W_dec, self.b_dec
+            )
+            l1 = f_sum / n
         mse = (x_hat - batch).pow(2).sum(-1).mean()
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = mse + self.cfg.l1_coefficient * warm * l1

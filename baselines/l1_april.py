@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
-from dictbench.baselines.dense_ops import relu_encoder, relu_path_is_sparse
+from dictbench.baselines.dense_ops import relu_path_is_sparse, relu_sae_dense
 from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
 from dictbench.registry import register_baseline
 
@@ -86,10 +86,11 @@ class L1AprilSAE(Baseline):
             x_hat = pairs_decode(pairs, vals, self.W_dec) + self.b_dec
             l1 = (vals * norms[pairs.cols]).sum() / n
         else:
-            f = relu_encoder(f0, batch, None, self.W_enc, self.b_enc)
-            x_hat = torch.addmm(self.b_dec, f, self.W_dec)
             # sum_b sum_i f_bi ||W_dec,i|| / n, through the column sums: no [B, d_sae] product.
-            l1 = (f.sum(0) * norms).sum() / n
+            x_hat, weighted = relu_sae_dense(
+                f0, batch, None, self.W_enc, self.b_enc, self.W_dec, self.b_dec, norms
+            )
+            l1 = weighted / n
         mse = (x_hat - batch).pow(2).sum(-1).mean()
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = mse + self.cfg.l1_coefficient * warm * l1

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dictbench.baselines.dense_ops import autocast_on, centred_encoder
+
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]):
     # torch warns once per process that CSR support is "beta"; the kernels used here are
@@ -171,7 +173,10 @@ def selected_preacts(
     """The kept pre-activations with gradients to (b_dec, W_enc, b_enc).
 
     ``pre`` must be ``(x - b_dec) @ W_enc + b_enc`` computed without a graph (it is
-    what the selection looked at); ``x`` is treated as data (no gradient)."""
+    what the selection looked at); ``x`` is treated as data (no gradient). Under
+    autocast, the plain formula (the whole matrix again) indexed at the pairs."""
+    if autocast_on(x):
+        return centred_encoder(x, b_dec, W_enc, b_enc)[rows, cols]
     pairs = pairs_of_rows(rows, cols, x.shape[0], W_enc.shape[1])
     return pairs_encoder(pairs, pre[rows, cols], x, b_dec, W_enc, b_enc)
 
@@ -179,14 +184,9 @@ def selected_preacts(
 def sparse_decode(
     rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, n_rows: int
 ) -> torch.Tensor:
-    """sum over a row's pairs of vals * W_dec[cols]: ``z @ W_dec`` without the zeros."""
+    """sum over a row's pairs of vals * W_dec[cols]: ``z @ W_dec`` without the zeros
+    (under autocast, through the dense z)."""
+    if autocast_on(vals):
+        z = vals.new_zeros(n_rows, W_dec.shape[0]).index_put((rows, cols), vals)
+        return z @ W_dec
     return pairs_decode(pairs_of_rows(rows, cols, n_rows, W_dec.shape[0]), vals, W_dec)
-
-
-def dense_latents(
-    rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int, d_sae: int
-) -> torch.Tensor:
-    """The [n_rows, d_sae] latent matrix the pairs describe (no graph), for bookkeeping."""
-    z = torch.zeros(n_rows, d_sae, dtype=vals.dtype, device=vals.device)
-    z[rows, cols] = vals.detach()
-    return z

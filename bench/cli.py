@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dictbench import __version__
+from dictbench.allocator import keep_freed_memory
 from dictbench.errors import UserError
 
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args.func(args))
     except UserError as e:

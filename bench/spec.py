@@ -38,6 +38,10 @@ class BudgetSpec:
     # Activations are rescaled so E||x||^2 = d_in during training (folded back after),
     # which makes sparsity coefficients transfer across models and hook points.
     normalize_activations: bool = True
+    # "bfloat16": each SAE's training loss (forward and backward) runs under
+    # torch.autocast, so matmuls take bf16 inputs; weights, Adam and every evaluation
+    # stay float32. None: float32 throughout.
+    autocast: str | None = None
 
 
 @dataclass
@@ -281,6 +285,11 @@ def validate(spec: RunSpec) -> None:
             raise SpecError(f"budget.{name}: must be in [0, 1], got {frac}")
     if b.lr_warmup_frac + b.lr_decay_frac > 1:
         raise SpecError("budget.lr_warmup_frac + budget.lr_decay_frac: must not exceed 1")
+    if b.autocast not in (None, "bfloat16"):
+        raise SpecError(
+            f"budget.autocast: must be bfloat16 or null, got {b.autocast!r} (float16 would "
+            "need loss scaling, which dictbench does not do)"
+        )
     if not 0 < c.eval_fraction < 1:
         raise SpecError(f"corpus.eval_fraction: must be in (0, 1), got {c.eval_fraction}")
     if c.ctx_len < 3:

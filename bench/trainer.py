@@ -149,6 +149,27 @@ def make_optimizer(params: Any, lr: float, betas: tuple[float, float]) -> torch.
     return torch.optim.Adam(list(params), lr=lr, betas=betas)
 
 
+def autocast(device: str, dtype: str | None) -> Any:
+    """The context a training loss runs in: torch.autocast to ``dtype``, or nothing.
+    The backward, Adam and the decoder constraints run outside it, in float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def apply_update(sae: Any, opt: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    """Everything a step does after its gradients are final (and, under data parallel,
+    averaged): the method's gradient hook, the optional clip, Adam, the method's
+    constraint hook. One function so benchmarks time exactly the trainer's step."""
+    if hasattr(sae, "before_optimizer_step"):
+        sae.before_optimizer_step()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    opt.step()
+    if hasattr(sae, "after_step"):
+        sae.after_step()
+
+
 def train(
     sae: Any,
     sae_id: str,
@@ -297,24 +318,20 @@ def train(
                 group["lr"] = lr * lr_factor(
                     step, steps, budget.lr_warmup_frac, budget.lr_decay_frac
                 )
-            out = sae.loss(batch, step)
+            with autocast(device, budget.autocast):
+                out = sae.loss(batch, step)
             if dp is None and not torch.isfinite(out.total):
                 raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}", step)
             opt.zero_grad(set_to_none=True)
             out.total.backward()
             if dp is not None:
                 _average_and_check(params, acts, out.total, sae_id, step)
-            if hasattr(sae, "before_optimizer_step"):
-                sae.before_optimizer_step()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
-            opt.step()
-            if hasattr(sae, "after_step"):
-                sae.after_step()
+            apply_update(sae, opt, grad_clip)
+            batch_fired = getattr(out, "fired", None)
             latents = getattr(out, "latents", None)
-            has_latents = latents is not None
-            if step >= dead_window_start and latents is not None:
-                fired |= (latents > 0).any(0)
+            has_latents = batch_fired is not None or latents is not None
+            if step >= dead_window_start and has_latents:
+                fired |= batch_fired if batch_fired is not None else (latents > 0).any(0)
             if step % 20 == 0 or step == steps - 1:
                 terms = _mean_terms({"total": out.total.detach(), **out.terms})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)

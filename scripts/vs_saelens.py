@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "benchmar
 from bench_helpers import BATCH, D_IN, D_SAE, train_step  # noqa: E402
 
 from dictbench import registry  # noqa: E402
+from dictbench.allocator import keep_freed_memory  # noqa: E402
 
 FLOPS = 6 * D_IN * D_SAE * BATCH
 TRAINED_DENSITY = 64 / 4608
@@ -118,7 +119,13 @@ def main() -> None:
     ap.add_argument("--out", default="results/perf", help="folder for vs_saelens.csv")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case")
     ap.add_argument("--methods", nargs="+", default=["l1", "gated", "topk"])
+    ap.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's mmap-per-large-tensor default (both sides; the CLI does not)",
+    )
     args = ap.parse_args()
+    tuned = False if args.system_malloc else keep_freed_memory()
     g = torch.Generator().manual_seed(1)
     batch = torch.randn(BATCH, D_IN, generator=g) * 0.9 + 0.3
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
@@ -147,6 +154,7 @@ def main() -> None:
                 "matmul_gflops": round(rate / 1e9, 1),
                 "dictbench_frac_of_matmul": round(FLOPS / mo / rate, 3),
                 "saelens_frac_of_matmul": round(FLOPS / mt / rate, 3),
+                "freed_memory_kept": tuned,
             }
             print(row, flush=True)
             rows.append(row)

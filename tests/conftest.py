@@ -11,7 +11,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from dictbench.allocator import keep_freed_memory
 from dictbench.subject import ModelSpec, SubjectModel
+
+keep_freed_memory()  # as the CLI runs: large tensors reuse freed memory
 
 TINY_CONFIGS = {
     "tiny:llama": dict(

@@ -94,7 +94,8 @@ def test_encode_decode_and_mse_by_hand():
     assert float(out.terms["mse"]) == pytest.approx((0.85 + 1.0) / 2, abs=1e-6)
     assert float(out.terms["auxk"]) == 0.0  # nothing dead
     assert float(out.total.detach()) == pytest.approx((0.85 + 1.0) / 2, abs=1e-6)
-    assert torch.allclose(out.latents, f)
+    assert out.latents is None  # no dense latent matrix: only which latents fired
+    assert torch.equal(out.fired, (f > 0).any(0))
 
 
 # --- AuxK ----------------------------------------------------------------------------

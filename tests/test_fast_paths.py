@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dictbench.baselines import dense_ops
-from dictbench.baselines.dense_ops import centred_encoder, relu_encoder, relu_path_is_sparse
+from dictbench.baselines.dense_ops import centred_encoder, relu_path_is_sparse
 from dictbench.baselines.gated import GatedConfig, GatedSAE
 from dictbench.baselines.l1 import L1SAE, L1Config
 from dictbench.baselines.l1_april import L1AprilConfig, L1AprilSAE
@@ -64,21 +64,51 @@ def test_centred_encoder_matches_plain_autograd():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_relu_encoder_masks_the_gradient_where_the_latent_is_off():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_relu_sae_dense_gives_every_gradient_by_hand(weighted):
+    """x_hat = f W_dec + b_dec and P = sum f_bi w_i, with f = ReLU((x - b_dec) W_enc + b_enc)
+    and the centring b_dec the decoder's own (as in ``l1``); gradients written out."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(B, D_IN, generator=g)
-    W_enc = torch.randn(D_IN, D_SAE, generator=g, requires_grad=True)
-    b_enc = torch.randn(D_SAE, generator=g, requires_grad=True)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_(True)
+
+    W_enc, b_enc, W_dec, b_dec = leaf(D_IN, D_SAE), leaf(D_SAE), leaf(D_SAE, D_IN), leaf(D_IN)
+    w = leaf(D_SAE) if weighted else None
     with torch.no_grad():
-        f0 = torch.relu(x @ W_enc + b_enc)
-    weight = torch.randn(B, D_SAE, generator=g)
-    got = torch.autograd.grad(
-        (relu_encoder(f0, x, None, W_enc, b_enc) * weight).sum(), [W_enc, b_enc]
-    )
-    # By hand: dL/dpre = weight where pre > 0, else 0.
-    g_pre = weight * (f0 > 0)
-    torch.testing.assert_close(got[0], x.t() @ g_pre, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1], g_pre.sum(0), rtol=1e-5, atol=1e-5)
+        f = torch.relu((x - b_dec) @ W_enc + b_enc)
+    assert 0 < int(torch.count_nonzero(f)) < f.numel()  # both sides of the mask exercised
+    x_hat, pen = dense_ops.relu_sae_dense(f, x, b_dec, W_enc, b_enc, W_dec, b_dec, w)
+    ones = torch.ones(D_SAE)
+    torch.testing.assert_close(x_hat, f @ W_dec + b_dec)
+    torch.testing.assert_close(pen, (f @ (w if weighted else ones)).sum())
+    G, c = torch.randn(B, D_IN, generator=g), 0.37  # dL/dx_hat and dL/dP
+    params = [W_enc, b_enc, W_dec, b_dec] + ([w] if weighted else [])
+    got = torch.autograd.grad((x_hat * G).sum() + c * pen, params)
+    wv = (w if weighted else ones).detach()
+    g_pre = (G @ W_dec.detach().t() + c * wv) * (f > 0)
+    xc = x - b_dec.detach()
+    want = [
+        xc.t() @ g_pre,
+        g_pre.sum(0),
+        f.t() @ G,
+        G.sum(0) - W_enc.detach() @ g_pre.sum(0),
+    ] + ([c * f.sum(0)] if weighted else [])
+    for name, a, b in zip("W_enc b_enc W_dec b_dec w".split(), got, want, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_density_of_a_large_matrix_is_judged_on_a_row_sample(monkeypatch):
+    """Above DENSITY_SAMPLE entries only every stride-th row is counted: rows the
+    sample skips cannot change the decision, rows it takes can."""
+    monkeypatch.setattr(dense_ops, "DENSITY_SAMPLE", 64)
+    monkeypatch.setattr(dense_ops, "SPARSE_MAX_DENSITY", 0.05)
+    z = torch.zeros(64, 8)  # 512 entries: stride 8, rows 0, 8, ..., 56
+    z[1:8] = 1.0  # skipped rows, all firing
+    assert relu_path_is_sparse(z)
+    z[0] = 1.0  # a sampled row fully firing: 8 of 64 sampled entries
+    assert not relu_path_is_sparse(z)
 
 
 def test_pairs_kernels_equal_dense_products_with_empty_rows():

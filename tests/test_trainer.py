@@ -216,6 +216,26 @@ def test_dead_latents_counted_over_the_last_quarter(tmp_path):
     assert rec.train_frac_dead == pytest.approx((d_sae - 2) / d_sae)
 
 
+def test_dead_latents_from_a_fired_mask_alone(tmp_path):
+    """A method may report only which latents fired (LossOutput.fired, no latents):
+    latent j fires only at step j, so the window (steps 6, 7 of 8) sees 6 and 7."""
+    store = make_store(tmp_path)
+    d_sae = 16
+    sae = l1_sae(1.0, 0, d_sae=d_sae)
+    real = sae.loss
+
+    def loss(batch: torch.Tensor, step: int) -> LossOutput:
+        out = real(batch, step)
+        fired = torch.zeros(d_sae, dtype=torch.bool)
+        fired[step] = True
+        return LossOutput(out.total, out.terms, fired=fired)
+
+    sae.loss = loss
+    budget = BudgetSpec(train_tokens=40, batch_size=5, d_sae=d_sae)
+    rec = train(sae, "dead", store, budget, seed=5, lr=1e-3)
+    assert rec.train_frac_dead == pytest.approx((d_sae - 2) / d_sae)
+
+
 def test_sae_decoder_constraint_holds_after_training(tmp_path):
     store = make_store(tmp_path)
     sae = l1_sae(1.0, 0)

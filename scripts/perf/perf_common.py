@@ -26,8 +26,12 @@ import pandas as pd
 import torch
 
 from dictbench import atomic
+from dictbench.allocator import keep_freed_memory
 
 DEFAULT_OUT = Path("results/perf")
+
+# As the CLI does, for both sides of every comparison (DICTBENCH_SYSTEM_MALLOC=1: off).
+FREED_MEMORY_KEPT = keep_freed_memory()
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

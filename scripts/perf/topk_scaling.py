@@ -11,7 +11,7 @@ and the script checks that their losses and gradients agree before timing them.
 
 Also timed, to show what is left once the decoder is sparse: the ranking matmul alone
 (``(x - b_dec) @ W_enc + b_enc``, the floor of any TopK step) and the per-step
-bookkeeping on the dense latent matrix that ``LossOutput.latents`` asks for.
+dead-latent bookkeeping (from the kept pairs; it once built a dense latent matrix).
 
     python scripts/perf/topk_scaling.py                      # ~4-5 min on 2 cores
     python scripts/perf/topk_scaling.py --sizes 2304 4608 --rounds 2   # quick look
@@ -36,7 +36,6 @@ from bench_helpers import train_step  # noqa: E402
 from dictbench import registry  # noqa: E402
 from dictbench.baselines.auxk import auxk_loss  # noqa: E402
 from dictbench.baselines.base import LossOutput  # noqa: E402
-from dictbench.baselines.sparse_ops import dense_latents  # noqa: E402
 
 D_IN, K, BATCH = 576, 32, 4096
 SIZES = [2304, 4608, 9216, 18432, 36864]
@@ -53,7 +52,8 @@ def dense_reference(cls: type) -> type:
             mse = (x_hat - batch).pow(2).sum(-1).mean()
             if self.training:
                 with torch.no_grad():
-                    self.observe(z.detach())
+                    rows, cols = z.nonzero(as_tuple=True)
+                    self.observe(cols, z[rows, cols], z.shape[0])
             aux = auxk_loss(pre, batch - x_hat, self.dead_mask(), self.k_aux, self.W_dec)
             total = mse + self.cfg.aux_coefficient * aux
             return LossOutput(total, {"mse": mse.detach(), "auxk": aux.detach()}, z.detach())
@@ -110,17 +110,15 @@ def check_agreement(sparse: Any, dense: Any, batch: torch.Tensor) -> dict[str, f
 
 
 def bookkeeping(sae: Any, batch: torch.Tensor) -> Any:
-    """The dense-latent work a sparse step still does each step: dense_latents (for
-    LossOutput.latents and observe), observe, and the trainer's (latents > 0).any(0)."""
+    """The dead-latent bookkeeping of a sparse step (``observe`` on the kept pairs, which
+    also gives the trainer its ``LossOutput.fired``)."""
     with torch.no_grad():
         pre = sae.pre_acts(batch)
         rows, cols = sae.select(pre)
         vals = torch.relu(pre[rows, cols])
 
     def run() -> None:
-        z = dense_latents(rows, cols, vals, batch.shape[0], sae.cfg.d_sae)
-        sae.observe(z)
-        (z > 0).any(0)
+        sae.observe(cols, vals, batch.shape[0])
 
     return run
 

@@ -6,22 +6,21 @@ from typing import Any
 
 import torch
 
+from dictbench.trainer import apply_update, autocast
+
 # The shapes the README's "bar to beat" was measured at: SmolLM2's d_model, 8x latents.
 D_IN, D_SAE, BATCH = 576, 4608, 4096
 
 
-def train_step(sae: Any, opt: torch.optim.Optimizer, batch: Any, step: int) -> float:
-    """One step exactly as dictbench.trainer.train's loop body runs it (loss, backward,
-    the method's gradient hook, optional clip, Adam, the method's constraint hook)."""
-    out = sae.loss(batch, step)
+def train_step(
+    sae: Any, opt: torch.optim.Optimizer, batch: Any, step: int, autocast_dtype: str | None = None
+) -> float:
+    """One step exactly as dictbench.trainer.train's loop body runs it (loss under the
+    budget's autocast context, backward, then trainer.apply_update)."""
+    device = str(next(sae.parameters()).device)
+    with autocast(device, autocast_dtype):
+        out = sae.loss(batch, step)
     opt.zero_grad(set_to_none=True)
     out.total.backward()
-    if hasattr(sae, "before_optimizer_step"):
-        sae.before_optimizer_step()
-    clip = getattr(getattr(sae, "cfg", None), "grad_clip", None)
-    if clip:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
-    opt.step()
-    if hasattr(sae, "after_step"):
-        sae.after_step()
+    apply_update(sae, opt, getattr(getattr(sae, "cfg", None), "grad_clip", None))
     return float(out.total.detach())

@@ -17,6 +17,7 @@ Needs sae-lens (the ``bench`` extra is not enough; ``make bench-setup`` builds a
 separate venv with it so it never enters dictbench's runtime environment):
 
     .venv-bench/bin/python scripts/vs_saelens.py --out results/perf
+    .venv-bench/bin/python scripts/vs_saelens.py --device cuda   # -> vs_saelens_cuda.csv
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ FLOPS = 6 * D_IN * D_SAE * BATCH
 TRAINED_DENSITY = 64 / 4608
 
 
-def saelens_sae(method: str):
+def saelens_sae(method: str, device: str):
     from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    common = dict(d_in=D_IN, d_sae=D_SAE, dtype="float32", device="cpu")
+    common = dict(d_in=D_IN, d_sae=D_SAE, dtype="float32", device=device)
     if method == "l1":
         return StandardTrainingSAE(
             StandardTrainingSAEConfig(apply_b_dec_to_input=True, l1_coefficient=5.0, **common)
@@ -74,7 +75,8 @@ def saelens_step(sae, opt, batch: torch.Tensor, coeffs: dict, step: int) -> floa
     with torch.no_grad():  # the trainer's per-step firing statistics
         firing = out.feature_acts.bool().float()
         did_fire = firing.sum(-2).bool()
-        sae._since_fired = getattr(sae, "_since_fired", torch.zeros(D_SAE)) + 1
+        since = getattr(sae, "_since_fired", None)
+        sae._since_fired = (torch.zeros(D_SAE, device=batch.device) if since is None else since) + 1
         sae._since_fired[did_fire] = 0
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
@@ -86,7 +88,7 @@ def saelens_step(sae, opt, batch: torch.Tensor, coeffs: dict, step: int) -> floa
 def build(method: str, regime: str, batch: torch.Tensor):
     torch.manual_seed(0)
     cls = registry.get_baseline(method)
-    ours = cls(cls.config_class(d_in=D_IN, d_sae=D_SAE))
+    ours = cls(cls.config_class(d_in=D_IN, d_sae=D_SAE)).to(batch.device)
     ours.train()
     ours.on_train_start(1000, batch)
     if regime == "trained":
@@ -97,7 +99,7 @@ def build(method: str, regime: str, batch: torch.Tensor):
             bias.copy_(-cut)
             if method == "gated":
                 ours.b_mag.copy_(-cut)
-    theirs, coeffs = saelens_sae(method)
+    theirs, coeffs = saelens_sae(method, str(batch.device))
     with torch.no_grad():
         mine = dict(ours.named_parameters())
         for name, p in theirs.named_parameters():
@@ -109,8 +111,12 @@ def build(method: str, regime: str, batch: torch.Tensor):
 
 
 def timed(fn: Callable[..., object], *args: object) -> float:
+    """Wall time of one call; on CUDA the device is synchronised on both sides."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t = time.perf_counter()
     fn(*args)
+    sync()
     return time.perf_counter() - t
 
 
@@ -119,6 +125,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/perf", help="folder for vs_saelens.csv")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case")
     ap.add_argument("--methods", nargs="+", default=["l1", "gated", "topk"])
+    ap.add_argument("--device", default="cpu", help="cpu (the issue's setting) or cuda")
     ap.add_argument(
         "--system-malloc",
         action="store_true",
@@ -127,8 +134,8 @@ def main() -> None:
     args = ap.parse_args()
     tuned = False if args.system_malloc else keep_freed_memory()
     g = torch.Generator().manual_seed(1)
-    batch = torch.randn(BATCH, D_IN, generator=g) * 0.9 + 0.3
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    batch = (torch.randn(BATCH, D_IN, generator=g) * 0.9 + 0.3).to(args.device)
+    a, b = (torch.randn(4096, 4096, device=args.device) for _ in range(2))
     rows = []
     for method in args.methods:
         for regime in ["init"] if method == "topk" else ["init", "trained"]:
@@ -155,17 +162,20 @@ def main() -> None:
                 "dictbench_frac_of_matmul": round(FLOPS / mo / rate, 3),
                 "saelens_frac_of_matmul": round(FLOPS / mt / rate, 3),
                 "freed_memory_kept": tuned,
+                "device": torch.cuda.get_device_name() if batch.is_cuda else "cpu",
             }
             print(row, flush=True)
             rows.append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "vs_saelens.csv.tmp"
+    kind = args.device.split(":")[0]
+    name = "vs_saelens.csv" if kind == "cpu" else f"vs_saelens_{kind}.csv"
+    tmp = out / f"{name}.tmp"
     with tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(out / "vs_saelens.csv")
+    tmp.replace(out / name)
 
 
 if __name__ == "__main__":

@@ -145,15 +145,16 @@ class GatedSAE(Baseline):
         return {"mse": mse, "l1": l1, "aux": aux}, f
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
-            shared0 = (batch - self.b_dec) @ self.W_enc
-            gate0 = torch.relu(shared0 + self.b_gate)
         if autocast_on(batch):  # the fused Functions assume one dtype throughout
             terms, f = self.loss_terms(batch)
-        elif relu_path_is_sparse(gate0):
-            terms, f = self._sparse_terms(batch, shared0, gate0)
         else:
-            terms, f = self._dense_terms(batch, shared0)
+            with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
+                shared0 = (batch - self.b_dec) @ self.W_enc
+                gate0 = torch.relu(shared0 + self.b_gate)
+            if relu_path_is_sparse(gate0):
+                terms, f = self._sparse_terms(batch, shared0, gate0)
+            else:
+                terms, f = self._dense_terms(batch, shared0)
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = terms["mse"] + self.cfg.l1_coefficient * warm * terms["l1"] + terms["aux"]
         return LossOutput(total, {k: v.detach() for k, v in terms.items()}, f.detach())

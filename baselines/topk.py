@@ -96,12 +96,17 @@ class TopKSAE(UnitNormDecoder, Baseline):
         (token, latent) pairs' latents and values; returns which latents fired here.
         From the pairs, not a dense [n_tokens, d_sae] matrix: at d_sae 36,864 building
         and scanning that matrix was a fifth of the step."""
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=cols.device)
-        fired[cols[vals > 0]] = True
+        fired = self.fired_latents(cols, vals)
         # Over the global batch when it is split across processes (bench/distributed.py),
         # so every rank holds the same counts and AuxK picks the same dead latents.
         self.tokens_since_fired += rows_across(n_tokens)
         self.tokens_since_fired.masked_fill_(any_across(fired), 0)
+        return fired
+
+    def fired_latents(self, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """Which latents fired (bool [d_sae]) among the kept pairs."""
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=cols.device)
+        fired[cols[vals > 0]] = True
         return fired
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
@@ -114,11 +119,7 @@ class TopKSAE(UnitNormDecoder, Baseline):
         x_hat = sparse_decode(rows, cols, vals, self.W_dec, n) + self.b_dec
         mse = (x_hat - batch).pow(2).sum(-1).mean()
         with torch.no_grad():
-            if self.training:
-                fired = self.observe(cols, vals, n)
-            else:
-                fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=cols.device)
-                fired[cols[vals > 0]] = True
+            fired = self.observe(cols, vals, n) if self.training else self.fired_latents(cols, vals)
         # A latent firing in this batch is not dead (the counts above include it).
         aux = sparse_auxk_loss(pre, batch, batch - x_hat, self.dead_mask(), self.k_aux, self)
         total = mse + self.cfg.aux_coefficient * aux

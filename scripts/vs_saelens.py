@@ -33,13 +33,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "benchmarks"))
-from bench_helpers import BATCH, D_IN, D_SAE, train_step  # noqa: E402
+from bench_helpers import BATCH, D_IN, D_SAE, set_trained_sparsity, train_step  # noqa: E402
 
 from dictbench import registry  # noqa: E402
 from dictbench.allocator import keep_freed_memory  # noqa: E402
 
 FLOPS = 6 * D_IN * D_SAE * BATCH
-TRAINED_DENSITY = 64 / 4608
 
 
 def saelens_sae(method: str, device: str):
@@ -92,13 +91,7 @@ def build(method: str, regime: str, batch: torch.Tensor):
     ours.train()
     ours.on_train_start(1000, batch)
     if regime == "trained":
-        with torch.no_grad():
-            shared = (batch - ours.b_dec) @ ours.W_enc
-            cut = torch.quantile(shared[:2048], 1 - TRAINED_DENSITY, dim=0)
-            bias = ours.b_gate if method == "gated" else ours.b_enc
-            bias.copy_(-cut)
-            if method == "gated":
-                ours.b_mag.copy_(-cut)
+        set_trained_sparsity(ours, batch)
     theirs, coeffs = saelens_sae(method, str(batch.device))
     with torch.no_grad():
         mine = dict(ours.named_parameters())

@@ -30,12 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "benchmarks"))
 
 import perf_common as pc  # noqa: E402
-from bench_helpers import train_step  # noqa: E402
+from bench_helpers import set_trained_sparsity, train_step  # noqa: E402
 
 from dictbench import registry  # noqa: E402
 from dictbench.trainer import make_optimizer  # noqa: E402
-
-TRAINED_DENSITY = 64 / 4608
 
 
 def sync(device: str) -> None:
@@ -67,13 +65,7 @@ def build(method: str, regime: str, d_in: int, d_sae: int, batch: torch.Tensor) 
     sae.train()
     sae.on_train_start(1000, batch)
     if regime == "trained":
-        with torch.no_grad():
-            bias = sae.b_gate if hasattr(sae, "b_gate") else sae.b_enc
-            pre = (batch[:2048] - sae.b_dec) @ sae.W_enc
-            cut = torch.quantile(pre.float().cpu(), 1 - TRAINED_DENSITY, dim=0).to(pre.device)
-            bias.copy_(-cut)
-            if hasattr(sae, "b_mag"):
-                sae.b_mag.copy_(-cut)
+        set_trained_sparsity(sae, batch)
     return sae
 
 

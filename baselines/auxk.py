@@ -5,8 +5,13 @@ asks the top ``k_aux`` of them, per token, to reconstruct what the live latents
 missed, so they get a gradient again and can come back. Two details differ from
 SAELens on purpose: the residual is reconstructed WITHOUT ``b_dec`` (the target is
 a difference of two reconstructions, both of which already contain it), and the
-loss is normalised by the residual's variance over the batch, so its weight means
-the same at any activation scale and reconstruction quality.
+loss is normalised by the residual's variance over the batch.
+
+Its weight (1/32) is relative to a reconstruction loss normalised by the data's
+variance, as in OpenAI's training code. dictbench's reconstruction term is the plain
+squared error, so the TopK family adds ``aux_coefficient * data_variance(x) * aux``:
+the same balance as the paper's. Without that factor AuxK weighed about
+1/E||x - mean(x)||^2 of the paper's (1/500 on SmolLM2 at unit mean-square input).
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ def _residual_variance(e: torch.Tensor) -> torch.Tensor:
         return (e - e.mean(0)).pow(2).sum(-1).mean()
     mu = mean_rows_across(e)
     return sum_across((e - mu).pow(2).sum()) / rows_across(e.shape[0])
+
+
+def data_variance(x: torch.Tensor) -> torch.Tensor:
+    """``E||x - mean(x)||^2`` over the global batch, no graph: the factor that turns
+    AuxK's paper weight into the units of a plain squared-error reconstruction term."""
+    return _residual_variance(x.detach())
 
 
 def _normalised(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

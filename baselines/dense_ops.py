@@ -137,7 +137,8 @@ def relu_sae_dense(
     if autocast_on(x):
         f = torch.relu(centred_encoder(x, b_dec_in, W_enc, b_enc))
         col_sum = f.float().sum(0)
-        return f @ W_dec + b_dec, (col_sum.sum() if w is None else col_sum @ w)
+        # Elementwise, not ``col_sum @ w``: autocast would run that dot product in bf16.
+        return f @ W_dec + b_dec, (col_sum.sum() if w is None else (col_sum * w).sum())
     return _ReluSAEDense.apply(f.detach(), x.detach(), b_dec_in, W_enc, b_enc, W_dec, b_dec, w)
 
 

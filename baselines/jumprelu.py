@@ -22,6 +22,11 @@ config holds the paper's numbers; the model multiplies by u = sqrt(E||x||^2),
 measured on the training sample in ``on_train_start`` (sqrt(d_in) before that),
 which stays right when a run turns activation normalisation off.
 
+Centring. The input is centred on b_dec before encoding, as in SAELens's JumpReLU
+and every other dictbench baseline; the paper (eq. 1) and Gemma Scope encode x
+itself. The functions are the same family (b_enc absorbs -b_dec W_enc), but here b_dec
+also receives the encoder's gradient, so training can differ slightly.
+
 Decoder. The L0 penalty does not depend on decoder norms, so nothing forces a
 constraint; Gemma Scope (section 3.2) nevertheless keeps decoder rows at unit norm
 (gradient projection, renormalise after each step) and so do we: no decoder-norm
@@ -135,7 +140,8 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
         return self.cfg.bandwidth * self.input_rms
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return centred_encoder(x, self.b_dec, self.W_enc, self.b_enc)
+        """The plain formula, so gradients reach ``x`` too (attribution, splicing)."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return JumpReLUFn.apply(self.pre_acts(x), self.threshold, self.eps)
@@ -149,7 +155,8 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
         # bf16's resolution at their scale; in bf16 that gradient measured as noise
         # (cosine 0.35 to float32's, tests/test_autocast.py).
         with torch.autocast(batch.device.type, enabled=False):
-            pre = self.pre_acts(batch)
+            # Training treats the batch as data: skip the input-gradient matmul.
+            pre = centred_encoder(batch, self.b_dec, self.W_enc, self.b_enc)
         theta = self.threshold
         f = JumpReLUFn.apply(pre, theta, self.eps)
         mse = (self.decode(f) - batch).pow(2).sum(-1).mean()

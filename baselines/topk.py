@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dictbench.baselines.auxk import sparse_auxk_loss
+from dictbench.baselines.auxk import data_variance, sparse_auxk_loss
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, UnitNormDecoder
 from dictbench.baselines.init import geometric_median, unit_rows
 from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
@@ -121,8 +121,13 @@ class TopKSAE(UnitNormDecoder, Baseline):
         with torch.no_grad():
             fired = self.observe(cols, vals, n) if self.training else self.fired_latents(cols, vals)
         # A latent firing in this batch is not dead (the counts above include it).
-        aux = sparse_auxk_loss(pre, batch, batch - x_hat, self.dead_mask(), self.k_aux, self)
-        total = mse + self.cfg.aux_coefficient * aux
+        dead = self.dead_mask()
+        aux = sparse_auxk_loss(pre, batch, batch - x_hat, dead, self.k_aux, self)
+        total = mse
+        if bool(dead.any()):
+            # aux_coefficient is the paper's weight against a variance-normalised MSE
+            # (baselines/auxk.py); data_variance puts it in this plain MSE's units.
+            total = mse + self.cfg.aux_coefficient * data_variance(batch) * aux
         terms = {"mse": mse.detach(), "auxk": aux.detach()}
         return LossOutput(total, terms, fired=fired)
 

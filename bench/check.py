@@ -82,6 +82,19 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "detection_accuracy": _tol("detection_accuracy", 0.05),
     "fuzzing_balanced_accuracy": _tol("fuzzing_balanced_accuracy", 0.05),
     "fuzzing_accuracy": _tol("fuzzing_accuracy", 0.05),
+    "autointerp_n_latents": _tol("autointerp_n_latents"),
+    # A latent or two more or less scored is the judge's flakiness, not the SAE's.
+    **{
+        m: _tol(m, 2.0)
+        for s in ("detection", "fuzzing")
+        for m in (f"{s}_n_scored", f"{s}_n_failed")
+    },
+    # The spread over a sample of latents: reported, not a quality to gate on.
+    **{
+        f"{s}_{m}_std": Tolerance("equal", ignore=True)
+        for s in ("detection", "fuzzing")
+        for m in ("balanced_accuracy", "accuracy")
+    },
     # Measures the machine, not the SAE.
     "wall_seconds": Tolerance("lower", ignore=True),
 }

@@ -115,7 +115,12 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None
         (int(k.rsplit("/", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng/cuda/")
     )
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([v for _, v in cuda])
+        # Only the GPUs this machine has: a run resumed with fewer visible GPUs must not
+        # fail here, after the SAE and optimiser were already restored.
+        n_gpus = torch.cuda.device_count()
+        for i, v in cuda:
+            if i < n_gpus:
+                torch.cuda.set_rng_state(v, i)
     kind, pos, has_gauss, gauss = meta["numpy"]
     keys = tensors["rng/numpy"].numpy().astype(np.uint32)
     np.random.set_state((kind, keys, int(pos), int(has_gauss), float(gauss)))
@@ -161,11 +166,15 @@ def _optim_state_dict(
         if not 0 <= idx < len(params):
             raise CheckpointError(f"optimiser state for parameter {idx}, which does not exist")
         for key, val in st.items():
-            if torch.is_tensor(val) and val.dim() > 0 and val.shape != params[idx].shape:
-                raise CheckpointError(
-                    f"optimiser state {key} of parameter {idx} has shape {tuple(val.shape)}, "
-                    f"expected {tuple(params[idx].shape)}"
-                )
+            if torch.is_tensor(val) and val.dim() > 0:
+                if val.shape != params[idx].shape:
+                    raise CheckpointError(
+                        f"optimiser state {key} of parameter {idx} has shape "
+                        f"{tuple(val.shape)}, expected {tuple(params[idx].shape)}"
+                    )
+                # Saved contiguous; restored in the parameter's layout (a transposed W_enc
+                # is), as Adam creates its moments: its fused kernel needs the two to agree.
+                st[key] = torch.empty_like(params[idx], dtype=val.dtype).copy_(val)
     saved = meta["param_groups"]
     if len(saved) != len(fresh["param_groups"]):
         raise CheckpointError("optimiser has a different number of parameter groups")

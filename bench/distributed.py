@@ -91,6 +91,13 @@ def init(device: str) -> Group | None:
         return _GROUP
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and device != "cuda" and device != "auto":
+        # "cuda:1" would put every process on one GPU, and NCCL refuses duplicate GPUs.
+        raise UserError(
+            f"torchrun: model.device {device!r} names one GPU for every process; use "
+            "'cuda' or 'auto' (each process takes the GPU of its LOCAL_RANK; choose GPUs "
+            "with CUDA_VISIBLE_DEVICES)"
+        )
     if cuda:
         if torch.cuda.device_count() <= local_rank:
             raise UserError(

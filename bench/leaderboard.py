@@ -84,6 +84,16 @@ DIRECTIONS: dict[str, str] = {
     "detection_accuracy": "higher",
     "fuzzing_balanced_accuracy": "higher",
     "fuzzing_accuracy": "higher",
+    "autointerp_n_latents": "equal",
+    # Bookkeeping beside each autointerp score: latents scored and failed (judge errors,
+    # unreadable replies, sets missing a class), and the spread over latents.
+    **{f"{s}_n_scored": "higher" for s in ("detection", "fuzzing")},
+    **{f"{s}_n_failed": "lower" for s in ("detection", "fuzzing")},
+    **{
+        f"{s}_{m}_std": "equal"
+        for s in ("detection", "fuzzing")
+        for m in ("balanced_accuracy", "accuracy")
+    },
 }
 
 DEFAULT_TARGET_L0 = (16.0, 32.0, 64.0, 128.0)

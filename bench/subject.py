@@ -166,6 +166,9 @@ class SubjectModel:
         self.spec = spec
         self.device = _resolve_device(spec.device)
         self.model = model.to(self.device).eval()
+        # The layers' dtype: cached activations are float32 whatever it is, and are cast
+        # to it before being fed back in (``run_from``), or a bf16 model's matmul fails.
+        self.dtype = next(self.model.parameters()).dtype
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -259,6 +262,7 @@ class SubjectModel:
         """
         p = self.stream_position(hook)
         input_ids = input_ids.to(self.device)
+        acts = acts.to(self.device, self.dtype)
         if p == 0:
 
             def inject_pre(_m: nn.Module, args: Any, kwargs: Any) -> Any:

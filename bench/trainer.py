@@ -83,7 +83,9 @@ class DownstreamHandle:
         self.position = subject.stream_position(hook)
 
     def logits(self, acts: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.subject.run_from(self.hook, acts / self.scale, token_ids)
+        """Float32 logits whatever the model's dtype: the KL and its gradient are taken
+        from them, and bf16 log-probabilities are too coarse for a KL near zero."""
+        return self.subject.run_from(self.hook, acts / self.scale, token_ids).float()
 
     def logits_and_residuals(
         self, acts: torch.Tensor, token_ids: torch.Tensor
@@ -92,7 +94,7 @@ class DownstreamHandle:
         resid: list[torch.Tensor] = []
 
         def grab(_m: Any, _i: Any, out: Any) -> None:
-            resid.append(out[0] if isinstance(out, tuple) else out)
+            resid.append((out[0] if isinstance(out, tuple) else out).float())
 
         layers = self.subject.layers
         handles = [layers[i].register_forward_hook(grab) for i in range(self.position, len(layers))]
@@ -143,10 +145,28 @@ def flops_per_token(sae: torch.nn.Module) -> float:
 
 
 def make_optimizer(params: Any, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    """Adam, one tensor at a time. Its fused kernel was a third faster at a batch of 128
-    tokens but broke bit-exact --resume (a resumed run drifted by ~1e-2 from an
-    uninterrupted one in tests/reliability/test_checkpoints.py), so it stays off."""
-    return torch.optim.Adam(list(params), lr=lr, betas=betas)
+    """Adam with its fused kernel where torch has one for the device (CPU from torch 2.4,
+    CUDA): one pass over each tensor instead of six. That kernel reads the parameter, its
+    gradient and both moments as flat memory, so all four must share one layout: a
+    transposed parameter with a contiguous moment is updated silently wrong on CPU (torch
+    2.13). The trainer keeps them aligned (``align_layouts`` here, ``checkpoint.load`` on
+    resume). Older torch falls back to the one-tensor-at-a-time loop."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except RuntimeError:  # no fused kernel for this device or torch version
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+def align_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give every gradient its parameter's strides, for the fused kernel (see
+    ``make_optimizer``). Autograd already does for gradients it accumulates; this catches a
+    method hook that replaces ``p.grad`` with a tensor laid out differently."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None and g.stride() != p.stride():
+                p.grad = torch.empty_like(p).copy_(g)
 
 
 def autocast(device: str, dtype: str | None) -> Any:
@@ -165,6 +185,7 @@ def apply_update(sae: Any, opt: torch.optim.Optimizer, grad_clip: float | None) 
         sae.before_optimizer_step()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    align_layouts(opt)
     opt.step()
     if hasattr(sae, "after_step"):
         sae.after_step()

@@ -37,6 +37,7 @@ from bench_helpers import BATCH, D_IN, D_SAE, set_trained_sparsity, train_step  
 
 from dictbench import registry  # noqa: E402
 from dictbench.allocator import keep_freed_memory  # noqa: E402
+from dictbench.trainer import make_optimizer  # noqa: E402
 
 FLOPS = 6 * D_IN * D_SAE * BATCH
 
@@ -98,7 +99,9 @@ def build(method: str, regime: str, batch: torch.Tensor):
         for name, p in theirs.named_parameters():
             p.copy_(mine[name])
     # lr 0: every round repeats the same work (the same latents fire).
-    opt_ours = torch.optim.Adam(ours.parameters(), lr=0.0)  # as dictbench.trainer
+    # Each library's own optimiser: dictbench's trainer uses Adam's fused kernel where
+    # torch has one; SAELens's trainer builds a plain torch.optim.Adam.
+    opt_ours = make_optimizer(ours.parameters(), 0.0, (0.9, 0.999))
     opt_theirs = torch.optim.Adam(theirs.parameters(), lr=0.0)
     return ours, opt_ours, theirs, opt_theirs, coeffs
 
@@ -125,6 +128,8 @@ def main() -> None:
         help="keep glibc's mmap-per-large-tensor default (both sides; the CLI does not)",
     )
     args = ap.parse_args()
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))  # what timed() synchronises
     tuned = False if args.system_malloc else keep_freed_memory()
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(BATCH, D_IN, generator=g) * 0.9 + 0.3).to(args.device)

@@ -149,6 +149,11 @@ async def _score_latent(judge: Judge, item: LatentItem, opts: AutointerpOptions)
 
     async def score(kind: str) -> dict[str, Any]:
         texts, labels = item.scoring[kind]
+        if all(labels) or not any(labels):
+            # Balanced accuracy needs both classes (fuzzing drops a wrong window that has
+            # no unmarked token to mark): a failure to count, not a division by zero.
+            missing = "incorrect" if all(labels) else "correct"
+            return {"error": f"no {missing} examples to score ({len(labels)} in the set)"}
         r = await judge.chat(
             prompts.score_messages(kind, out["explanation"], texts),
             temperature=opts.temperature,

@@ -50,6 +50,15 @@ def tiny_llama(torch_one_thread) -> SubjectModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_bf16(torch_one_thread) -> SubjectModel:
+    """The tiny llama in bfloat16, as a GPU user would load a subject (model.dtype)."""
+    spec = ModelSpec(
+        name="tiny:llama", device="cpu", dtype="bfloat16", config=TINY_CONFIGS["tiny:llama"]
+    )
+    return SubjectModel.load(spec)
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(torch_one_thread) -> SubjectModel:
     return _load_tiny("tiny:gpt2")
 

@@ -111,3 +111,20 @@ def test_unknown_autocast_dtype_is_refused(value):
     spec.budget.autocast = value
     with pytest.raises(SpecError, match="budget.autocast"):
         validate(spec)
+
+
+def test_the_weighted_penalty_stays_float32_under_autocast():
+    """l1_april's penalty sum_i w_i sum_b f_bi: a bf16 dot product would round it (3
+    significant digits); the sparsity term must keep float32's precision."""
+    g = torch.Generator().manual_seed(0)
+    x, W_enc = torch.randn(64, 16, generator=g), torch.randn(16, 300, generator=g)
+    b_enc, W_dec = torch.zeros(300), torch.randn(300, 16, generator=g)
+    w = torch.rand(300, generator=g) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = torch.relu(x @ W_enc.to(torch.bfloat16).float())
+        _, penalty = dense_ops.relu_sae_dense(f, x, None, W_enc, b_enc, W_dec, torch.zeros(16), w)
+    # The same f as inside (bf16 encoder), summed in float64 outside autocast.
+    f_ref = torch.relu((x.bfloat16() @ W_enc.bfloat16()).double())
+    want = float((f_ref.sum(0) * w.double()).sum())
+    assert penalty.dtype == torch.float32
+    assert abs(float(penalty) - want) < 1e-5 * abs(want)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -183,6 +184,23 @@ def test_fuzzing_scorer(tmp_path):
     # 4 correctly marked + 4 wrongly marked: answering None is right on half
     assert none["fuzzing_balanced_accuracy"] == 0.5 and none["fuzzing_accuracy"] == 0.5
     assert "detection_balanced_accuracy" not in none
+
+
+def test_a_fuzzing_set_without_incorrect_examples_is_a_counted_failure(tmp_path):
+    """One-token windows leave no unmarked token to mark wrongly, so every wrong window is
+    dropped and the set is all correct: balanced accuracy is undefined there."""
+    with StubJudge(perfect_judge) as stub:
+        opts = options(stub, tmp_path, n_latents=2, window_tokens=1)
+        env = synthetic_env({**opts, "scorers": ["detection", "fuzzing"]})
+        res = run_task(env)
+        n_requests = len(stub.completed())
+    m = res.metrics
+    assert (m["fuzzing_n_scored"], m["fuzzing_n_failed"]) == (0, 2)
+    assert math.isnan(m["fuzzing_balanced_accuracy"])
+    assert (m["detection_n_scored"], m["detection_n_failed"]) == (2, 0)
+    assert n_requests == 4  # explanation + detection per latent; fuzzing never asked
+    for lat in res.details["latents"]:
+        assert lat["fuzzing"]["error"].startswith("no incorrect examples")
 
 
 def test_failed_and_unparseable_replies_are_counted_not_dropped(tmp_path):

@@ -132,6 +132,7 @@ def test_threshold_is_a_bias_corrected_ema_of_the_smallest_kept_activation():
 #   k_aux = 2: e_hat1 = 0.8 d2 + 1.0 d3 = [1.28, 0.04] -> 2.56; e_hat2 = 1.8 d2 -> 2.08
 #              aux = (2.56 + 2.08) / 2 / 0.5 = 4.64
 #   k_aux = 1: e_hat1 = 1.0 d3 = [0.8, -0.6] -> 3.2; aux = (3.2 + 2.08) / 2 / 0.5 = 5.28
+#   total = mse + var(x) * aux / 32, var(x) = |x - [2, 1.5]|^2 = 1.25 for both tokens
 
 
 @pytest.mark.parametrize("k_aux, want", [(2, 4.64), (1, 5.28)])
@@ -149,7 +150,7 @@ def test_auxk_by_hand(k_aux, want):
     assert torch.equal(sae.tokens_since_fired, torch.tensor([0, 0, 52, 52]))
     assert float(out.terms["mse"]) == pytest.approx(1.0, abs=1e-6)
     assert float(out.terms["auxk"]) == pytest.approx(want, rel=1e-5)
-    assert float(out.total.detach()) == pytest.approx(1.0 + want / 32, rel=1e-6)
+    assert float(out.total.detach()) == pytest.approx(1.0 + 1.25 * want / 32, rel=1e-6)
     sae.tokens_since_fired.zero_()
     assert float(sae.loss(x, 0).terms["auxk"]) == 0.0
 

@@ -166,6 +166,29 @@ def test_gradients_reach_the_sae_and_not_the_subject(tiny_llama):
         assert p.grad is None, name
 
 
+def test_the_downstream_of_a_bfloat16_model_takes_float32_and_gives_float32(tiny_llama_bf16):
+    ids = make_ids(B, T, 3)
+    with torch.no_grad():
+        acts = tiny_llama_bf16.run_to(HOOK, ids).float() * SCALE
+        logits = DownstreamHandle(tiny_llama_bf16, HOOK, SCALE).logits(acts, ids)
+        want = tiny_llama_bf16.logits(ids)
+    assert want.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    assert torch.equal(logits, want.float())  # the bf16 round trip of the acts is exact
+
+
+@pytest.mark.parametrize("cls, cfg_cls", [(E2ESAE, E2EConfig), (E2EDSSAE, E2EDSConfig)])
+def test_e2e_losses_train_through_a_bfloat16_model(tiny_llama_bf16, cls, cfg_cls):
+    sae = make_sae(cls, cfg_cls)
+    sae.downstream = DownstreamHandle(tiny_llama_bf16, HOOK, SCALE)
+    batch = make_batch(tiny_llama_bf16)
+    batch = SequenceBatch(batch.acts.float(), batch.token_ids, batch.keep)  # as cached
+    out = sae.loss(batch, 10)
+    assert out.total.dtype == torch.float32 and torch.isfinite(out.total)
+    assert float(out.terms["kl"]) > 0
+    out.total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sae.parameters())
+
+
 @pytest.mark.parametrize("hook", ["resid_post.0", "resid_post.1"])
 @pytest.mark.parametrize("cls, cfg_cls", [(E2ESAE, E2EConfig), (E2EDSSAE, E2EDSConfig)])
 def test_only_layers_after_the_hook_run_twice(tiny_llama, hook, cls, cfg_cls):

@@ -109,6 +109,10 @@ def test_encode_decode_and_mse_by_hand():
 #              e_hat2 = 2.8 d2 = [1.68, 2.24] -> 5.48;  aux = 3.42 / 0.5 = 6.84
 #   k_aux = 2: e_hat1 = 1.8 d2 + 1.0 d3 = [1.88, 0.84] -> 3.56; token 2's second dead
 #              pre-activation (-1) is zeroed by the ReLU -> 5.48;  aux = 4.52 / 0.5 = 9.04
+#   The total weighs aux by 1/32 times the data's variance (the paper's weight against a
+#   variance-normalised MSE): mean(x) = [2, 1.5], |x - mean|^2 = 1.25 for both tokens,
+#   so total = mse + 1.25 * aux / 32.
+DATA_VAR = 1.25
 AUX = dict(
     W_dec=[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, -0.6]],
     b_enc=[0.0, 0.0, -0.2, 0.0],
@@ -134,7 +138,7 @@ def test_auxk_loss_by_hand(k_aux, want):
     assert torch.equal(sae.tokens_since_fired, torch.tensor([0, 0, 102, 102]))
     assert float(out.terms["mse"]) == pytest.approx(1.0, abs=1e-6)
     assert float(out.terms["auxk"]) == pytest.approx(want, rel=1e-5)
-    assert float(out.total.detach()) == pytest.approx(1.0 + want / 32, rel=1e-6)
+    assert float(out.total.detach()) == pytest.approx(1.0 + DATA_VAR * want / 32, rel=1e-6)
 
 
 def test_auxk_is_zero_when_nothing_is_dead():

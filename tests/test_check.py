@@ -284,3 +284,16 @@ def test_default_l0_tolerance_is_the_larger_of_half_a_latent_and_two_percent():
     assert check.judge(40.0, 41.0, tol) == "REGRESSION"
     assert check.judge(10.0, 10.45, tol) == "ok"  # allowed max(0.5, 0.2) = 0.5
     assert check.judge(40.0, 30.0, tol) == "better"
+
+
+def test_autointerp_bookkeeping_has_directions_not_the_unknown_default():
+    """Fewer failed latents is better; a score's spread over latents is not gated."""
+    tol = check.DEFAULT_TOLERANCES
+    assert check.judge(3.0, 0.0, tol["detection_n_failed"]) == "better"  # beyond 2
+    assert check.judge(0.0, 2.0, tol["fuzzing_n_failed"]) == "ok"  # within 2 latents
+    assert check.judge(0.0, 3.0, tol["fuzzing_n_failed"]) == "REGRESSION"
+    assert check.judge(100.0, 97.0, tol["detection_n_scored"]) == "REGRESSION"
+    assert check.judge(100.0, 100.0, tol["autointerp_n_latents"]) == "ok"
+    assert check.judge(100.0, 99.0, tol["autointerp_n_latents"]) == "CHANGED"
+    assert tol["detection_balanced_accuracy_std"].ignore
+    assert tol["fuzzing_accuracy_std"].ignore

@@ -215,6 +215,15 @@ def test_refusals_name_what_cannot_be_split(fake_two_ranks):
     distributed.refuse_unsupported([PlannedSAE("d", "m:Declared", declared, {})], 256, 16)
 
 
+def test_torchrun_refuses_a_device_that_pins_every_rank_to_one_gpu(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "_GROUP", None)
+    with pytest.raises(UserError, match="'cuda:1' names one GPU for every process"):
+        distributed.init("cuda:1")
+    assert distributed.group() is None
+
+
 # --- the real CLI under torchrun, and sweeps split with --shard ----------------------------
 
 

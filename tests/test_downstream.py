@@ -111,6 +111,21 @@ def test_identity_sae_changes_nothing(tiny_llama, ds_ids, ds_train_mean):
     assert abs(m["ce_loss_recovered_mean_ablation"] - 1.0) < 1e-4
 
 
+def test_a_bfloat16_model_gets_its_float32_cached_activations_back_in_bfloat16(
+    tiny_llama_bf16, ds_ids, ds_train_mean
+):
+    """The cache stores float32; the layers after the hook run in the model's dtype. The
+    bf16 -> float32 -> bf16 round trip is exact, so an identity SAE changes nothing."""
+    env = make_env(tiny_llama_bf16, ds_ids, ds_train_mean)
+    m = Downstream().run(FnSAE(lambda f: f), env).metrics
+    with torch.no_grad():
+        want = ce_over_predictions(tiny_llama_bf16.logits(ds_ids).float(), ds_ids)
+    assert abs(m["ce_clean"] - want) < 1e-5
+    assert abs(m["ce_sae"] - m["ce_clean"]) < 1e-6
+    assert abs(m["kl"]) < 1e-6
+    assert m["ce_zero"] - m["ce_clean"] > 0.01
+
+
 @pytest.mark.parametrize("arch", ["tiny:llama", "tiny:gpt2", "tiny:gpt_neox"])
 def test_ce_clean_matches_full_model_cross_entropy(tiny_subjects, ds_ids, arch):
     subject = tiny_subjects[arch]

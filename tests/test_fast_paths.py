@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dictbench import registry
 from dictbench.baselines import dense_ops
 from dictbench.baselines.dense_ops import centred_encoder, relu_path_is_sparse
 from dictbench.baselines.gated import GatedConfig, GatedSAE
@@ -244,3 +245,24 @@ def test_batchtopk_cut_keeps_the_largest_with_ties_in_index_order():
     big = torch.rand(5000, generator=torch.Generator().manual_seed(0))
     want = torch.sort(big.topk(321).indices).values
     assert torch.equal(top_flat_indices(big, 321), want)
+
+
+@pytest.mark.parametrize("method", ["l1", "l1_april", "gated", "topk", "batchtopk", "jumprelu"])
+def test_encoding_passes_gradients_to_the_input(method):
+    """Training may treat its batch as data, but ``sae(x)`` is also used for attribution
+    and splicing, where d x_hat / d x must be the formula's, not zero."""
+    cls = registry.get_baseline(method)
+    torch.manual_seed(0)
+    sae = cls(cls.config_class(d_in=6, d_sae=24, **({"k": 3} if "topk" in method else {})))
+    sae.eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    sae.double()
+    jac = torch.autograd.functional.jacobian(lambda t: sae(t).sum(0), x)  # [6, 5, 6]
+    h = 1e-6
+    for j in range(6):
+        dx = torch.zeros_like(x)
+        dx[:, j] = h
+        with torch.no_grad():
+            num = (sae(x + dx).sum(0) - sae(x - dx).sum(0)) / (2 * h)
+        assert torch.allclose(jac[:, :, j].sum(1), num, atol=1e-5), (method, j)
+    assert jac.abs().sum() > 0

@@ -21,7 +21,7 @@ D_IN, D_SAE, B = 12, 40, 16
 
 
 def dense_reference(sae, x: torch.Tensor, keep: torch.Tensor, dead: torch.Tensor, k_aux: int):
-    """mse + aux_coefficient * AuxK, densely, for a given keep mask [B, d_sae]."""
+    """mse + aux_coefficient * var(x) * AuxK, densely, for a given keep mask [B, d_sae]."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     z = torch.where(keep, torch.relu(pre), torch.zeros_like(pre))
     x_hat = z @ sae.W_dec + sae.b_dec
@@ -35,7 +35,8 @@ def dense_reference(sae, x: torch.Tensor, keep: torch.Tensor, dead: torch.Tensor
     z_aux = torch.where(aux_keep, torch.relu(pre), torch.zeros_like(pre))
     num = (e - z_aux @ sae.W_dec).pow(2).sum(-1).mean()
     den = (e - e.mean(0)).pow(2).sum(-1).mean()
-    return mse + sae.cfg.aux_coefficient * num / den
+    data_var = (x - x.mean(0)).pow(2).sum(-1).mean()
+    return mse + sae.cfg.aux_coefficient * data_var * num / den
 
 
 def grads(sae, loss_fn) -> dict[str, torch.Tensor]:

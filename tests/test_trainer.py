@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from dictbench import trainer
 from dictbench.baselines.base import LossOutput
 from dictbench.baselines.l1 import L1SAE, L1Config
 from dictbench.cache import ActivationStore
@@ -241,3 +242,49 @@ def test_sae_decoder_constraint_holds_after_training(tmp_path):
     sae = l1_sae(1.0, 0)
     train(sae, "l1", store, BUDGET, seed=5, lr=1e-2)
     assert torch.allclose(sae.W_dec.detach().norm(dim=-1), torch.ones(8), atol=1e-6)
+
+
+def _adam_first_step(p0: torch.Tensor, g: torch.Tensor, lr: float, eps: float = 1e-8):
+    """Adam's first update in closed form: the bias-corrected moments are g and g^2."""
+    p0, g = p0.double(), g.double()
+    return p0 - lr * g / (g.abs() + eps)
+
+
+def test_a_transposed_parameter_with_a_relaid_gradient_gets_the_right_adam_step():
+    """A method hook may replace ``p.grad`` with a tensor in another layout; the fused
+    kernel would then pair the wrong elements (on CPU silently), so the trainer relays it."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4).t().clone())  # strides (1, 4), like W_enc
+    assert w.stride() != (6, 1)
+    p0 = w.detach().clone()
+    g = torch.randn(4, 6)
+
+    class Hooked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = w
+
+        def before_optimizer_step(self) -> None:
+            self.w.grad = g.clone()  # contiguous: not the parameter's layout
+
+    opt = trainer.make_optimizer([w], lr=0.1, betas=(0.9, 0.999))
+    w.grad = torch.zeros_like(w)
+    trainer.apply_update(Hooked(), opt, None)
+    assert torch.allclose(w.detach().double(), _adam_first_step(p0, g, 0.1), atol=1e-6)
+
+
+def test_align_layouts_gives_each_gradient_its_parameters_strides():
+    p = torch.nn.Parameter(torch.randn(3, 5).t().clone())
+    q = torch.nn.Parameter(torch.randn(5))
+    g = torch.randn(5, 3)
+    p.grad, q.grad = g.clone(), None
+    opt = torch.optim.SGD([p, q], lr=0.1)
+    trainer.align_layouts(opt)
+    assert p.grad.stride() == p.stride() and torch.equal(p.grad, g)
+    assert q.grad is None
+
+
+def test_the_trainer_uses_the_fused_adam_kernel_where_torch_has_one():
+    opt = trainer.make_optimizer([torch.nn.Parameter(torch.zeros(3))], 1e-3, (0.9, 0.999))
+    has_cpu_kernel = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+    assert bool(opt.defaults.get("fused")) == has_cpu_kernel

@@ -96,6 +96,8 @@ def main() -> None:
         "(default 4096 on CUDA, 1024 on CPU, where a bf16 4096^3 takes minutes)",
     )
     args = p.parse_args()
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))  # the GPU synchronize() waits for
     pc.setup_threads(args.threads)
     device = args.device
     g = torch.Generator().manual_seed(1)

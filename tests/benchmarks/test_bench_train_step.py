@@ -13,6 +13,7 @@ import torch
 from bench_helpers import BATCH, D_IN, D_SAE, train_step
 
 from dictbench import registry
+from dictbench.trainer import make_optimizer
 
 LOCAL = ["l1", "l1_april", "gated", "topk", "batchtopk", "jumprelu"]
 
@@ -27,7 +28,7 @@ def make_sae(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.T
     sae.train()
     sae.on_train_start(1000, batch)
     betas = (getattr(cfg, "adam_beta1", 0.9), getattr(cfg, "adam_beta2", 0.999))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=betas)
+    opt = make_optimizer(sae.parameters(), 1e-4, betas)  # the trainer's optimiser
     return sae, opt, batch
 
 
@@ -65,7 +66,7 @@ def test_e2e_train_step(benchmark, smollm2, name):
     sae.train()
     sae.on_train_start(1000, batch.acts[:, 1:].reshape(-1, D_IN))
     sae.downstream = DownstreamHandle(smollm2, hook, scale)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = make_optimizer(sae.parameters(), 1e-4, (0.9, 0.999))
     steps = iter(range(10_000))
     benchmark.extra_info.update(hook=hook, tokens_per_step=n_seq * ctx)
     loss = benchmark.pedantic(

@@ -169,6 +169,21 @@ def test_checkpoint_restores_every_rng_stream(tmp_path):
     assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
 
 
+def test_cuda_rng_states_of_absent_gpus_are_skipped_on_resume(monkeypatch):
+    """A checkpoint written with 2 GPUs visible resumes where only 1 is."""
+    from dictbench import checkpoint as ckpt_mod
+
+    restored: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append(i))
+    tensors, meta = ckpt_mod._capture_rng("cpu")
+    tensors["rng/cuda/0"] = torch.zeros(16, dtype=torch.uint8)
+    tensors["rng/cuda/1"] = torch.zeros(16, dtype=torch.uint8)
+    ckpt_mod._restore_rng(tensors, meta)
+    assert restored == [0]
+
+
 def test_optimizer_moments_round_trip_exactly(tmp_path):
     sae = build("l1")
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.5, 0.9))
@@ -193,6 +208,12 @@ def test_optimizer_moments_round_trip_exactly(tmp_path):
         for k in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(a["state"][i][k], b["state"][i][k]), (i, k)
     assert states_equal(sae, sae2)
+    # Moments come back in their parameter's layout (W_enc is transposed in memory), which
+    # Adam's fused kernel needs: it pairs parameter and moment elements by memory offset.
+    assert sae2.W_enc.stride() != sae2.W_enc.contiguous().stride()
+    for p in sae2.parameters():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert opt2.state[p][k].stride() == p.stride(), k
 
 
 # --- damaged or foreign checkpoints are refused, and training starts over -----------------

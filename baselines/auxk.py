@@ -10,8 +10,9 @@ loss is normalised by the residual's variance over the batch.
 Its weight (1/32) is relative to a reconstruction loss normalised by the data's
 variance, as in OpenAI's training code. dictbench's reconstruction term is the plain
 squared error, so the TopK family adds ``aux_coefficient * data_variance(x) * aux``:
-the same balance as the paper's. Without that factor AuxK weighed about
-1/E||x - mean(x)||^2 of the paper's (1/500 on SmolLM2 at unit mean-square input).
+the same balance as the paper's. Without that factor AuxK's weight was off by the
+factor E||x - mean(x)||^2 (training inputs have E||x||^2 = d_in, so a factor of up to
+d_in too small).
 """
 
 from __future__ import annotations

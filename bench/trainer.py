@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
 from dictbench import checkpoint, distributed, faults
@@ -150,12 +151,19 @@ def make_optimizer(params: Any, lr: float, betas: tuple[float, float]) -> torch.
     gradient and both moments as flat memory, so all four must share one layout: a
     transposed parameter with a contiguous moment is updated silently wrong on CPU (torch
     2.13). The trainer keeps them aligned (``align_layouts`` here, ``checkpoint.load`` on
-    resume). Older torch falls back to the one-tensor-at-a-time loop."""
+    resume). Elsewhere (older torch, other devices) the one-tensor-at-a-time loop."""
     params = list(params)
-    try:
+    if _has_fused_adam({p.device.type for p in params}):
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    except RuntimeError:  # no fused kernel for this device or torch version
-        return torch.optim.Adam(params, lr=lr, betas=betas)
+    return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+def _has_fused_adam(device_types: set[str]) -> bool:
+    """Asked before building: torch accepts fused=True for any device and fails only at
+    the first step where it has no kernel (MPS, XPU, ... in some versions)."""
+    if device_types == {"cuda"}:
+        return True
+    return device_types == {"cpu"} and TorchVersion(torch.__version__) >= "2.4"
 
 
 def align_layouts(opt: torch.optim.Optimizer) -> None:

@@ -288,3 +288,7 @@ def test_the_trainer_uses_the_fused_adam_kernel_where_torch_has_one():
     opt = trainer.make_optimizer([torch.nn.Parameter(torch.zeros(3))], 1e-3, (0.9, 0.999))
     has_cpu_kernel = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
     assert bool(opt.defaults.get("fused")) == has_cpu_kernel
+    # Elsewhere the loop: torch would accept fused=True and fail at the first step.
+    meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    assert not trainer.make_optimizer([meta], 1e-3, (0.9, 0.999)).defaults.get("fused")
+    assert trainer._has_fused_adam({"cuda"}) and not trainer._has_fused_adam({"cpu", "cuda"})

@@ -105,7 +105,7 @@ def _machine(device: str) -> dict[str, Any]:
         "device": device,
     }
     if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))  # not always GPU 0
     return info
 
 

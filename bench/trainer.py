@@ -10,6 +10,7 @@ hooks for what is method-specific.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -182,7 +183,18 @@ def autocast(device: str, dtype: str | None) -> Any:
     The backward, Adam and the decoder constraints run outside it, in float32."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+    kind = torch.device(device).type
+    if kind == "cuda" and dtype == "bfloat16" and not _cuda_has_bf16():
+        raise UserError(
+            "budget.autocast: bfloat16 needs a GPU with bf16 support (Ampere or newer); "
+            f"{torch.cuda.get_device_name(torch.device(device))} has none: set it to null"
+        )
+    return torch.autocast(kind, dtype=getattr(torch, dtype))
+
+
+@functools.cache
+def _cuda_has_bf16() -> bool:
+    return bool(torch.cuda.is_bf16_supported())
 
 
 def apply_update(sae: Any, opt: torch.optim.Optimizer, grad_clip: float | None) -> None:

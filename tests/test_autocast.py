@@ -128,3 +128,15 @@ def test_the_weighted_penalty_stays_float32_under_autocast():
     want = float((f_ref.sum(0) * w.double()).sum())
     assert penalty.dtype == torch.float32
     assert abs(float(penalty) - want) < 1e-5 * abs(want)
+
+
+def test_bf16_autocast_is_refused_on_a_gpu_without_bf16(monkeypatch):
+    from dictbench import trainer
+    from dictbench.errors import UserError
+
+    trainer._cuda_has_bf16.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    with pytest.raises(UserError, match="Tesla V100 has none"):
+        autocast("cuda", "bfloat16")
+    trainer._cuda_has_bf16.cache_clear()

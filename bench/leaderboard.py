@@ -385,10 +385,11 @@ def matched_l0_frame(saes: pd.DataFrame, metrics: list[str], targets: list[float
     for method in sorted(saes["method"].unique()) if not saes.empty else []:
         sub = ok[ok["method"] == method]
         l0 = sub["l0"].to_numpy(dtype=float) if "l0" in sub else np.array([])
-        finite = l0[np.isfinite(l0)] if l0.size else l0
         for metric in metrics:
             vals = sub[metric].to_numpy(dtype=float) if metric in sub else np.full(len(sub), np.nan)
             interp = interpolate_at(l0, vals, targets) if l0.size else [None] * len(targets)
+            # The L0 range this metric was interpolated over: SAEs with both numbers.
+            finite = l0[np.isfinite(l0) & np.isfinite(vals)] if l0.size else l0
             for t, v in zip(targets, interp, strict=True):
                 rows.append(
                     {

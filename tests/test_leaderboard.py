@@ -115,6 +115,23 @@ def test_matched_l0_values_and_na(tmp_path):
     assert _cell(board, "gated", ce, 16)["l0_min"] == 30.0
 
 
+def test_the_l0_range_shown_is_the_one_each_metric_was_interpolated_over():
+    saes = pd.DataFrame(
+        {
+            "method": ["l1"] * 3,
+            "status": ["ok"] * 3,
+            "l0": [5.0, 20.0, 80.0],
+            "kl": [float("nan"), 0.5, 0.2],  # not measured at L0 5
+            "fvu": [0.4, 0.3, 0.2],
+        }
+    )
+    m = lb.matched_l0_frame(saes, ["kl", "fvu"], [8.0])
+    kl, fvu = (m[m["metric"] == name].iloc[0] for name in ("kl", "fvu"))
+    assert (kl["l0_min"], kl["l0_max"]) == (20.0, 80.0) and pd.isna(kl["value"])
+    assert (fvu["l0_min"], fvu["l0_max"]) == (5.0, 80.0)
+    assert fvu["value"] == pytest.approx(loglin(8, 5, 0.4, 20, 0.3))
+
+
 def test_ranks_follow_direction_and_need_two_methods(tmp_path):
     board = lb.build(lb.load_runs([_two_method_run(tmp_path)]), targets=[16, 32, 64, 128])
     # At 64 gated's CE recovered (0.9669) beats l1's (0.9203): gated 1, l1 2.

@@ -297,7 +297,13 @@ def evaluate(
     context = record_context(spec, subject, eval_store)
     task_objs = [registry.get_task(name)() for name in spec.tasks]
     module = loaded.module.to(subject.device).eval()
-    score_sae(module, loaded.sae_id, loaded.method, task_objs, env, out_dir, context)
+    task_context = {}
+    if mean_info["source"] == "training split, part":
+        # Not the mean a run of this spec ablates with: its records must not be compared
+        # with a run's as if they were (the leaderboard and `check` refuse the mix).
+        n_mean = mean_info["tokens"]
+        task_context["downstream"] = {"mean_ablation": f"first {n_mean} training tokens"}
+    score_sae(module, loaded.sae_id, loaded.method, task_objs, env, out_dir, context, task_context)
 
     info.update(status="complete", wall_seconds=time.perf_counter() - t0)
     info["caches"] = {"eval": str(eval_store.path), "train_mean": str(mean_store.path)}

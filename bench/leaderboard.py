@@ -253,6 +253,11 @@ def _facts(run: Run, rec: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     for key, words in CONTEXT_FIELDS.items():
         for sub, val in _flatten(ctx.get(key), f"context.{key}").items():
             facts[sub] = (words, val)
+    if rec["task"] == "downstream":  # absent: the run's whole training cache
+        facts["context.mean_ablation"] = (
+            "mean-ablation baseline (training tokens averaged)",
+            ctx.get("mean_ablation"),
+        )
     if rec["task"] != TRAINING_TASK:  # a training record's count is training tokens
         facts[f"eval_tokens[{rec['task']}]"] = (
             f"evaluation token count of task '{rec['task']}'",

@@ -428,10 +428,12 @@ def score_sae(
     env: TaskEnv,
     out: Path,
     context: dict[str, Any],
+    task_context: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run every task on one SAE and write one record per task. Token tasks that agree
     on their evaluation window share one encode/decode pass. A task that raises
-    ``TaskSkipped`` is reported in one line and leaves no record."""
+    ``TaskSkipped`` is reported in one line and leaves no record. ``task_context`` adds
+    fields to one task's records only (``dictbench eval``'s mean-ablation source)."""
     token_tasks = [task for task in tasks if isinstance(task, TokenTask)]
     other = [task for task in tasks if not isinstance(task, TokenTask)]
     by_window: dict[Any, list[Any]] = {}
@@ -442,8 +444,9 @@ def score_sae(
     def record(name: str, res: Any, seconds: float) -> None:
         # Written as soon as the task is done, so an interrupted run keeps it (--resume).
         results[name] = res
+        ctx = {**context, **(task_context or {}).get(name, {})}
         write_record(
-            out, sae_id, method, name, res.metrics, res.details, res.eval_tokens, context, seconds
+            out, sae_id, method, name, res.metrics, res.details, res.eval_tokens, ctx, seconds
         )
         faults.point(f"record:{sae_id}/{name}")
 

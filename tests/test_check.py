@@ -177,6 +177,24 @@ def test_context_mismatch_is_refused_unless_allowed(tmp_path):
     assert check.failures(check.compare(run, ref, allow_mixed=True)).empty
 
 
+def test_a_downstream_score_against_another_mean_ablation_is_refused(tmp_path):
+    """`dictbench eval` without the run's training cache ablates with a smaller mean; its
+    downstream records say so and are not compared with a run's as if alike."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    make_sae(ref, "l1", "l1", BASE)
+    make_sae(run, "l1", "l1", BASE, context={"mean_ablation": "first 4096 training tokens"})
+    with pytest.raises(UserError, match="mean-ablation baseline"):
+        check.compare(run, ref)
+    # Only downstream records carry the baseline: reconstruction alone still compares.
+    no_ce = {
+        k: v for k, v in BASE.items() if k not in ("ce_loss_recovered", "ce_clean", "delta_ce")
+    }
+    ref2, run2 = tmp_path / "ref2", tmp_path / "run2"
+    make_sae(ref2, "l1", "l1", no_ce)
+    make_sae(run2, "l1", "l1", no_ce, context={"mean_ablation": "first 4096 training tokens"})
+    assert check.failures(check.compare(run2, ref2)).empty
+
+
 # --- tolerances from YAML and flags -------------------------------------------------------
 
 

@@ -155,8 +155,12 @@ def test_foreign_saelens_sae_gets_closed_form_metrics(tmp_path, tiny_spec_file, 
     x = np.asarray(store.acts)[:, store.keep].reshape(-1, D_MODEL).astype(np.float64)
     n = recs["sparsity"]["eval_tokens"]
     assert m["l1"] == pytest.approx(np.abs(x[:n] - b_dec).sum(-1).mean(), rel=1e-5)
-    # no training cache for a spec nobody ran: the mean comes from a smaller harvest
+    # no training cache for a spec nobody ran: the mean comes from a smaller harvest,
+    # which the downstream record (only it: the mean is its ablation baseline) names
     assert info["train_mean"]["source"] == "training split, part"
+    n_mean = info["train_mean"]["tokens"]
+    assert recs["downstream"]["context"]["mean_ablation"] == f"first {n_mean} training tokens"
+    assert "mean_ablation" not in recs["reconstruction"]["context"]
 
 
 def test_wrong_width_is_one_line(tmp_path, tiny_spec_file):

@@ -5,6 +5,12 @@ with and without the SAE, so the SAE's output stays on the model's own activatio
 path instead of exploiting directions later layers ignore or amplify oddly:
     loss = kl_coeff * KL + phi * ||f||_1 / d_in + ds_coeff / L * sum_l MSE_l.
 Paper GPT-2 defaults: kl 0.5, downstream 2.5 in total over the later layers, phi 1.5.
+
+Units differ from the paper's code, so those numbers are a starting point, not an
+equivalence: f and phi act on activations scaled to E||x||^2 = d_in (dictbench's
+training units), and each MSE_l is taken on residuals scaled by the same factor. The
+later layers include the last block's output (the paper's formula; the released
+e2e_sae configs list resid_pre of the later blocks only).
 """
 
 from __future__ import annotations

@@ -22,7 +22,16 @@ import pandas as pd
 import yaml
 
 from dictbench.errors import UserError
-from dictbench.leaderboard import DIRECTIONS, Run, check_compatible, load_run, training_error
+from dictbench.leaderboard import (
+    AUTOINTERP_N_FAILED,
+    AUTOINTERP_N_SCORED,
+    AUTOINTERP_STDS,
+    DIRECTIONS,
+    Run,
+    check_compatible,
+    load_run,
+    training_error,
+)
 
 DIRECTION_NAMES = ("higher", "lower", "target1", "equal")
 
@@ -84,17 +93,9 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fuzzing_accuracy": _tol("fuzzing_accuracy", 0.05),
     "autointerp_n_latents": _tol("autointerp_n_latents"),
     # A latent or two more or less scored is the judge's flakiness, not the SAE's.
-    **{
-        m: _tol(m, 2.0)
-        for s in ("detection", "fuzzing")
-        for m in (f"{s}_n_scored", f"{s}_n_failed")
-    },
+    **{m: _tol(m, 2.0) for m in AUTOINTERP_N_SCORED + AUTOINTERP_N_FAILED},
     # The spread over a sample of latents: reported, not a quality to gate on.
-    **{
-        f"{s}_{m}_std": Tolerance("equal", ignore=True)
-        for s in ("detection", "fuzzing")
-        for m in ("balanced_accuracy", "accuracy")
-    },
+    **{m: Tolerance("equal", ignore=True) for m in AUTOINTERP_STDS},
     # Measures the machine, not the SAE.
     "wall_seconds": Tolerance("lower", ignore=True),
 }

@@ -205,6 +205,10 @@ def _check_hook(loaded: LoadedSAE, spec: RunSpec) -> None:
 # --- scoring ------------------------------------------------------------------------------
 
 
+# eval.json's name for a mean over part of the training split (not the run's mean).
+PARTIAL_MEAN = "training split, part"
+
+
 def _train_mean(
     subject: SubjectModel, spec: RunSpec, root: Path, mean_tokens: int | None
 ) -> tuple[Any, dict[str, Any]]:
@@ -224,7 +228,7 @@ def _train_mean(
         if mean_tokens <= 0:
             raise UserError(f"--mean-tokens: must be positive, got {mean_tokens}")
         n = mean_tokens
-    return pending(n), {"source": "training split, part", "tokens": n}
+    return pending(n), {"source": PARTIAL_MEAN, "tokens": n}
 
 
 def _check_writable(out: Path) -> None:
@@ -298,7 +302,7 @@ def evaluate(
     task_objs = [registry.get_task(name)() for name in spec.tasks]
     module = loaded.module.to(subject.device).eval()
     task_context = {}
-    if mean_info["source"] == "training split, part":
+    if mean_info["source"] == PARTIAL_MEAN:
         # Not the mean a run of this spec ablates with: its records must not be compared
         # with a run's as if they were (the leaderboard and `check` refuse the mix).
         n_mean = mean_info["tokens"]

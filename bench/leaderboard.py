@@ -43,6 +43,13 @@ HEADLINE = [
     "wall_seconds",
 ]
 
+# The autointerp scorers' bookkeeping metrics (tasks/autointerp.py; the scorer names are
+# tasks/autointerp_config.SCORERS, not imported so the leaderboard needs no torch).
+_SCORERS = ("detection", "fuzzing")
+AUTOINTERP_N_SCORED = tuple(f"{s}_n_scored" for s in _SCORERS)
+AUTOINTERP_N_FAILED = tuple(f"{s}_n_failed" for s in _SCORERS)
+AUTOINTERP_STDS = tuple(f"{s}_{m}_std" for s in _SCORERS for m in ("balanced_accuracy", "accuracy"))
+
 # Which way is better, per METRICS.md name. "target1": closer to 1 is better (1 means no
 # shrinkage or inflation). "equal": not a quality of the SAE (a property of the model or
 # the window), so any change matters and no direction is better. Sparsity (l0, l1) counts
@@ -87,13 +94,9 @@ DIRECTIONS: dict[str, str] = {
     "autointerp_n_latents": "equal",
     # Bookkeeping beside each autointerp score: latents scored and failed (judge errors,
     # unreadable replies, sets missing a class), and the spread over latents.
-    **{f"{s}_n_scored": "higher" for s in ("detection", "fuzzing")},
-    **{f"{s}_n_failed": "lower" for s in ("detection", "fuzzing")},
-    **{
-        f"{s}_{m}_std": "equal"
-        for s in ("detection", "fuzzing")
-        for m in ("balanced_accuracy", "accuracy")
-    },
+    **{m: "higher" for m in AUTOINTERP_N_SCORED},
+    **{m: "lower" for m in AUTOINTERP_N_FAILED},
+    **{m: "equal" for m in AUTOINTERP_STDS},
 }
 
 DEFAULT_TARGET_L0 = (16.0, 32.0, 64.0, 128.0)

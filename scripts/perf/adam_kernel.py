@@ -25,20 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "benchmar
 
 import perf_common as pc  # noqa: E402
 from bench_helpers import train_step  # noqa: E402
+from step_precision import build  # noqa: E402
 
-from dictbench import registry  # noqa: E402
 from dictbench.allocator import keep_freed_memory  # noqa: E402
 from dictbench.trainer import make_optimizer  # noqa: E402
 
 
 def stepper(method: str, batch: torch.Tensor, fused: bool, d_sae: int):
-    torch.manual_seed(0)
-    cls = registry.get_baseline(method)
-    fields = cls.config_class.__dataclass_fields__
-    cfg = cls.config_class(d_in=batch.shape[1], d_sae=d_sae, **({"k": 32} if "k" in fields else {}))
-    sae = cls(cfg)
-    sae.train()
-    sae.on_train_start(1000, batch)
+    sae = build(method, "init", batch.shape[1], d_sae, batch)  # step_precision's SAE
     if fused:
         opt = make_optimizer(sae.parameters(), 0.0, (0.9, 0.999))  # lr 0: same work
         assert opt.defaults.get("fused"), "this torch has no fused Adam for the CPU"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dictbench.baselines.base import SAELensExport, saelens_tensors
 from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
 from dictbench.baselines.init import unit_rows
 from dictbench.registry import register_baseline
@@ -45,7 +46,20 @@ class E2ESAE(Baseline):
     name = "e2e"
     config_class = E2EConfig
     sparsity_knob = "sparsity_coefficient"
+    # Checked: the loss is a mean over tokens, so a batch split across processes trains
+    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    data_parallel_exact = True
     needs_downstream = True
+
+
+    def saelens_export(self) -> SAELensExport:
+        """At inference this is a standard ReLU SAE on the raw input; decode normalises the decoder
+        rows, so SAELens gets the normalised rows."""
+        return (
+            "standard",
+            saelens_tensors(self, W_dec=unit_rows(self.W_dec.detach())),
+            {"apply_b_dec_to_input": False},
+        )
 
     def __init__(self, cfg: E2EConfig):
         super().__init__(cfg)
@@ -77,8 +91,8 @@ class E2ESAE(Baseline):
 
     def loss(self, batch, step: int) -> LossOutput:  # batch: trainer.SequenceBatch
         spliced, f = self.splice(batch.acts, batch.keep)
-        with torch.no_grad():
-            lp_clean = torch.log_softmax(self.downstream.logits(batch.acts, batch.token_ids), -1)
+        with torch.no_grad():  # the clean pass is shared by every SAE stepping on this batch
+            lp_clean = torch.log_softmax(self.downstream.clean(batch)[0], -1)
         lp_sae = torch.log_softmax(self.downstream.logits(spliced, batch.token_ids), -1)
         # Position 0 is special and unchanged; its prediction is identical on both sides.
         kl = kl_clean_to_sae(lp_clean[:, 1:], lp_sae[:, 1:])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dictbench.baselines.base import SAELensExport, saelens_tensors
 from dictbench.baselines.base import LossOutput
 from dictbench.baselines.e2e import E2ESAE, E2EConfig, kl_clean_to_sae
 from dictbench.registry import register_baseline
@@ -33,12 +34,21 @@ class E2EDSConfig(E2EConfig):
 @register_baseline
 class E2EDSSAE(E2ESAE):
     name = "e2e_ds"
+    # Checked: the loss is a mean over tokens, so a batch split across processes trains
+    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    data_parallel_exact = True
     config_class = E2EDSConfig
+    clean_residuals = True  # its loss compares residual streams: the shared pass keeps them
+
+
+    def saelens_export(self) -> SAELensExport:
+        """At inference this is e2e's SAE (only the training loss differs)."""
+        return E2ESAE.saelens_export(self)
 
     def loss(self, batch, step: int) -> LossOutput:
         spliced, f = self.splice(batch.acts, batch.keep)
         with torch.no_grad():
-            logits, clean_resid = self.downstream.logits_and_residuals(batch.acts, batch.token_ids)
+            logits, clean_resid = self.downstream.clean(batch, residuals=True)
             lp_clean = torch.log_softmax(logits, -1)
         logits, sae_resid = self.downstream.logits_and_residuals(spliced, batch.token_ids)
         lp_sae = torch.log_softmax(logits, -1)

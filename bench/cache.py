@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - no fcntl on Windows: abandoned folders stay
     fcntl = None  # type: ignore[assignment]
 
-from dictbench import atomic, faults
+from dictbench import atomic, faults, resources
 from dictbench.corpus import CorpusSpec, keep_positions, make_windows
 from dictbench.errors import UserError
 
@@ -41,6 +41,29 @@ HARVEST_LOCK = ".harvesting"
 FULL_HASH_MAX_BYTES = 2 << 30
 SAMPLE_WINDOWS = 64
 IDENT_KEYS = ("format", "model", "hook", "corpus", "part", "ctx_len", "n_windows", "seed")
+# Stored element types (budget.cache_dtype). numpy has no bfloat16: its bits are kept as
+# uint16 and widened exactly on read. A float32 entry's identity has no dtype key, so
+# its fingerprint is the one entries had before the option existed.
+CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def stored_dtype(meta: dict[str, Any]) -> str:
+    return str(meta.get("dtype", "float32"))
+
+
+def to_float32(arr: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Stored activations as float32 (exact for every stored dtype)."""
+    if stored_dtype(meta) == "bfloat16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def from_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 activations in the stored dtype, rounded to nearest (even)."""
+    if dtype == "bfloat16":
+        t = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.bfloat16)
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return arr.astype(CACHE_DTYPES[dtype], copy=False)
 
 
 class CacheDamaged(ValueError):
@@ -79,9 +102,15 @@ def default_cache_root() -> Path:
 
 
 def fingerprint(
-    model_fp: str, hook: str, corpus: CorpusSpec, part: str, n_windows: int, seed: int
+    model_fp: str,
+    hook: str,
+    corpus: CorpusSpec,
+    part: str,
+    n_windows: int,
+    seed: int,
+    dtype: str = "float32",
 ) -> tuple[str, dict[str, Any]]:
-    ident = {
+    ident: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "model": model_fp,
         "hook": hook,
@@ -91,6 +120,8 @@ def fingerprint(
         "n_windows": n_windows,
         "seed": seed,
     }
+    if dtype != "float32":
+        ident["dtype"] = dtype
     return _ident_digest(ident), ident
 
 
@@ -99,7 +130,7 @@ class ActivationStore:
     """Read-only view of one cache entry; ``acts`` is memory-mapped, not loaded."""
 
     path: Path
-    acts: np.ndarray  # [n_windows, ctx, d] float32
+    acts: np.ndarray  # [n_windows, ctx, d], float32 unless meta says another dtype
     tokens: np.ndarray  # [n_windows, ctx] int32
     mean: np.ndarray  # [d] float32, mean over non-special positions
     meta: dict[str, Any]
@@ -129,6 +160,8 @@ class ActivationStore:
             if not isinstance(meta, dict):
                 raise ValueError("meta.json is not a JSON object")
             ident = {k: meta[k] for k in IDENT_KEYS}
+            if "dtype" in meta:
+                ident["dtype"] = meta["dtype"]
             fp = meta["fingerprint"]
             expected = (int(meta["n_windows"]), int(meta["ctx_len"]), int(meta["d_model"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -151,7 +184,7 @@ class ActivationStore:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CacheDamaged(f"cannot read its arrays ({type(e).__name__}: {first})") from e
         checks = [
-            ("acts.npy", acts.shape == expected and acts.dtype == np.float32),
+            ("acts.npy", acts.shape == expected and acts.dtype == _np_dtype(meta)),
             ("acts.npy size", os.path.getsize(path / "acts.npy") == acts.offset + acts.nbytes),
             ("tokens.npy", tokens.shape == expected[:2] and tokens.dtype == np.int32),
             ("mean.npy", mean.shape == expected[2:] and mean.dtype == np.float32),
@@ -172,6 +205,10 @@ class ActivationStore:
         if bad:
             raise CacheDamaged(f"{', '.join(bad)} do not match meta.json")
         return cls(path, acts, tokens, mean, meta, reused)
+
+
+def _np_dtype(meta: dict[str, Any]) -> Any:
+    return np.dtype(CACHE_DTYPES.get(stored_dtype(meta), np.float32))
 
 
 def _hold_harvest_lock(tmp: Path) -> int | None:
@@ -238,6 +275,7 @@ def prepare(
     seed: int,
     root: Path,
     log: Any = print,
+    dtype: str = "float32",
 ) -> ActivationStore | PendingHarvest:
     """The cached store if one exists, else the windows to harvest.
 
@@ -246,7 +284,7 @@ def prepare(
     """
     keep = keep_positions(corpus.ctx_len)
     n_windows = -(-n_tokens // int(keep.sum()))
-    fp, ident = fingerprint(subject.fingerprint(), hook, corpus, part, n_windows, seed)
+    fp, ident = fingerprint(subject.fingerprint(), hook, corpus, part, n_windows, seed, dtype)
     final = root / f"{part}-{fp}"
     store = _reuse(final, part, fp, ident, log)
     if store is not None:
@@ -263,9 +301,16 @@ def _fill_entry(
     n_windows, ctx = tokens.shape
     keep = keep_positions(ctx)
     d = subject.d_model
+    dtype = str(pending.ident.get("dtype", "float32"))
     acts = np.lib.format.open_memmap(
-        tmp / "acts.npy", mode="w+", dtype=np.float32, shape=(n_windows, ctx, d)
+        tmp / "acts.npy", mode="w+", dtype=CACHE_DTYPES[dtype], shape=(n_windows, ctx, d)
     )
+    try:  # reserve the mapped blocks: a full disk is then an error here, not a SIGBUS later
+        resources.preallocate(tmp / "acts.npy", os.path.getsize(tmp / "acts.npy"))
+    except UserError:
+        del acts
+        (tmp / "acts.npy").unlink(missing_ok=True)  # give the space back at once
+        raise
     total = np.zeros(d, dtype=np.float64)
     bar = tqdm(
         total=n_windows * ctx,
@@ -278,7 +323,7 @@ def _fill_entry(
         for start in range(0, n_windows, batch_windows):
             ids = torch.from_numpy(tokens[start : start + batch_windows].astype(np.int64))
             out = subject.run_to(hook, ids).float().cpu().numpy()
-            acts[start : start + len(ids)] = out
+            acts[start : start + len(ids)] = from_float32(out, dtype)
             total += out[:, keep].sum(axis=(0, 1), dtype=np.float64)
             bar.update(ids.numel())
             faults.point(f"harvest:{part}:batch={start // batch_windows}")

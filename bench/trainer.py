@@ -1,10 +1,10 @@
-"""One training loop for every baseline, so differences in results come from the methods.
+"""The pieces of one training step that every baseline shares, so differences in results
+come from the methods: optimiser, learning-rate schedule, autocast, the update with the
+method's hooks, the handle e2e methods use to run the model past the hook, and the
+training record.
 
-Every SAE in a run sees the same tokens in the same order: the order is a seeded
-permutation of the cached training tokens, independent of the method. The loop
-owns what is common (optimiser, learning-rate schedule, activation scaling, NaN
-guard, dead-latent tracking, budget accounting) and calls the baseline's optional
-hooks for what is method-specific.
+The loop itself is bench/lockstep.py (every SAE of a run steps on the same batch from
+bench/batch_stream.py); ``train`` here trains one SAE on a cache entry through it.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.torch_version import TorchVersion
-from tqdm.auto import tqdm
 
-from dictbench import checkpoint, distributed, faults
+from dictbench import faults  # noqa: F401  (tests patch trainer.faults.point: the loop calls it)
 from dictbench.cache import ActivationStore
-from dictbench.checkpoint import CheckpointError, CheckpointPlan, TrainState
+from dictbench.checkpoint import CheckpointPlan
 from dictbench.errors import UserError
 from dictbench.spec import BudgetSpec
 
@@ -80,9 +78,29 @@ class SequenceBatch:
 class DownstreamHandle:
     """The subject model after the hook point, taking activations in training units."""
 
-    def __init__(self, subject: Any, hook: str, scale: float):
+    def __init__(self, subject: Any, hook: str, scale: float, want_residuals: bool = False):
         self.subject, self.hook, self.scale = subject, hook, scale
         self.position = subject.stream_position(hook)
+        # The clean pass of the current batch, computed once for every SAE of a lockstep
+        # group (they all step on the same batch). With ``want_residuals`` the residuals
+        # are captured too, so a group mixing e2e and e2e_ds runs it once.
+        self.want_residuals = want_residuals
+        self._clean_for: Any = None
+        self._clean: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
+
+    def clean(self, batch: Any, residuals: bool = False) -> tuple[torch.Tensor, Any]:
+        """(logits, residuals or None) of the unmodified model on ``batch``, without
+        gradients: memoised for the batch object, so N SAEs pay for one clean pass."""
+        hit = self._clean_for is batch and self._clean is not None
+        if hit and (not residuals or self._clean[1] is not None):
+            return self._clean
+        with torch.no_grad():
+            if residuals or self.want_residuals:
+                out: Any = self.logits_and_residuals(batch.acts, batch.token_ids)
+            else:
+                out = (self.logits(batch.acts, batch.token_ids), None)
+        self._clean_for, self._clean = batch, out
+        return out
 
     def logits(self, acts: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Float32 logits whatever the model's dtype: the KL and its gradient are taken
@@ -225,237 +243,20 @@ def train(
     hook: str = "",
     ckpt: CheckpointPlan | None = None,
 ) -> TrainRecord:
-    """Train ``sae`` in place. With ``ckpt``, its state is saved every ``ckpt.every`` steps
+    """Train one SAE in place on a cache entry: a lockstep group of one
+    (bench/lockstep.py). With ``ckpt``, its state is saved every ``ckpt.every`` steps
     and at the end, and ``ckpt.resume`` continues from a valid saved state: the same
     batches, optimiser moments and RNG streams, so the result is bit-identical on CPU."""
-    order = token_order(store, seed)
-    scale = activation_scale(store, order) if budget.normalize_activations else 1.0
-    if not (math.isfinite(scale) and scale > 0):
-        raise TrainingFailed(
-            f"{sae_id}: non-finite activations in the training tokens (normalisation scale "
-            f"{scale}) before step 0",
-            0,
-        )
+    from dictbench.batch_stream import CacheWindows, ShuffleBuffer, block_windows_for
+    from dictbench.lockstep import Member, train_group
+
+    source = CacheWindows(store)
+    keep = store.keep
+    block = block_windows_for(budget.buffer_tokens, int(keep.sum()), source.n_windows)
+    buffer = ShuffleBuffer(source, keep, block, seed)
+    member = Member(sae, sae_id, lr, betas, grad_clip, ckpt, device)
     sequence_mode = bool(getattr(sae, "needs_downstream", False))
-    if sequence_mode:
-        if subject is None:
-            raise TrainingFailed(f"{sae_id}: this method needs the subject model past the hook")
-        keep_np = store.keep
-        kept = int(keep_np.sum())
-        seqs = max(1, budget.batch_size // kept)
-        per_step = seqs * kept
-        windows = window_order(store, seed)
-        keep_t = torch.from_numpy(keep_np).to(device)
-
-        n_items = seqs
-        lo, hi = distributed.shard(seqs)  # this rank's whole windows (all of them alone)
-
-        def get_batch(step: int) -> Any:
-            idx = np.sort(windows[step * seqs + lo : step * seqs + hi])
-            acts = torch.from_numpy(np.ascontiguousarray(store.acts[idx])).to(device) * scale
-            ids = torch.from_numpy(store.tokens[idx].astype(np.int64))
-            return SequenceBatch(acts, ids, keep_t)
-
-        sae.downstream = DownstreamHandle(subject, hook, scale)
-    else:
-        per_step = budget.batch_size
-        n_items = per_step
-        lo, hi = distributed.shard(per_step)  # this rank's rows of each global batch
-
-        def get_batch(step: int) -> Any:
-            rows = order[step * per_step + lo : step * per_step + hi]
-            return gather(store, rows).to(device) * scale
-
-    steps = budget.train_tokens // per_step
-    if steps * per_step > len(order):
-        raise TrainingFailed(
-            f"{sae_id}: the cache holds {len(order)} training tokens, the budget needs "
-            f"{steps * per_step}"
-        )
-    sae.to(device)
-    sae.train()  # a reloaded SAE comes back in eval mode (e.g. BatchTopK's threshold path)
-    sample = gather(store, order[: min(8192, len(order))]).to(device) * scale
-    if not bool(torch.isfinite(sample).all()):  # it initialises the SAE (e.g. b_dec)
-        raise TrainingFailed(
-            f"{sae_id}: non-finite activations in the first {len(sample)} training tokens "
-            "(the initialisation sample) before step 0",
-            0,
-        )
-    if hasattr(sae, "on_train_start"):
-        sae.on_train_start(steps, sample)
-    dp = distributed.group()  # data-parallel across ranks (bench/distributed.py), or None
-    if dp is not None:
-        if (hi - lo) * dp.world != n_items:
-            raise UserError(f"{sae_id}: a training batch does not split into {dp.world} shards")
-        distributed.broadcast_module(sae)  # every rank starts from rank 0's weights
-    opt = make_optimizer(sae.parameters(), lr, betas)
-    d_sae = sae.W_dec.shape[0]
-    dead_window_start = int(steps * 0.75)
-    fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
-    terms: dict[str, float] = {}
-    flops_tok = flops_per_token(sae)  # before the loop: e2e counts the model past the hook
-    start, wall_before, has_latents = 0, 0.0, False
-    identity: dict[str, Any] = {}
-    if ckpt is not None:
-        identity = {
-            **ckpt.identity,
-            "total_steps": steps,
-            "tokens_per_step": per_step,
-            "input_scale": scale,
-            "sequence_mode": sequence_mode,
-        }
-        if dp is not None and ckpt.resume:
-            # Every rank loads the bytes rank 0 reads: the same state, even when the run
-            # folder is not shared with the other nodes.
-            start, fired, terms, wall_before, has_latents = _resume_sharded(
-                ckpt, identity, sae, opt, device, sae_id, steps, fired
-            )
-        elif ckpt.resume and ckpt.path.exists():
-            try:
-                st = checkpoint.load(ckpt.path, identity, sae, opt, device)
-            except CheckpointError as e:
-                ckpt.log(f"{sae_id}: checkpoint {ckpt.path} not used: {e}; training from step 0")
-            else:
-                start, fired, terms = st.step, st.fired, st.terms
-                wall_before, has_latents = st.wall_seconds, st.has_latents
-                ckpt.log(f"{sae_id}: resuming training at step {start} of {steps} ({ckpt.path})")
-
-    def save_checkpoint(next_step: int) -> None:
-        # A checkpoint must be a state worth going back to: never save broken weights.
-        if not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
-            last = next_step - 1
-            raise TrainingFailed(f"{sae_id}: non-finite weights after step {last}", last)
-        fired_all = distributed.any_across(fired)  # the latents any rank saw fire
-        state = TrainState(
-            next_step, fired_all, terms, wall_before + time.perf_counter() - t0, has_latents
-        )
-        if distributed.is_main():  # the only writer
-            checkpoint.save(ckpt.path, identity, sae, opt, state, steps, device)
-
-    t0 = time.perf_counter()
-    step = start
-    params = list(sae.parameters())
-    stack = contextlib.ExitStack()
-    try:
-        stack.enter_context(distributed.sharded())
-        bar = tqdm(
-            range(start, steps),
-            initial=start,
-            total=steps,
-            desc=f"train {sae_id}",
-            unit="step",
-            mininterval=2.0,
-            **({} if distributed.is_main() else {"disable": True}),  # one bar per run
-        )
-        for step in bar:
-            faults.point(f"train:{sae_id}:step={step}")
-            batch = get_batch(step)
-            acts = batch.acts if isinstance(batch, SequenceBatch) else batch
-            if dp is None and not bool(torch.isfinite(acts).all()):
-                raise TrainingFailed(
-                    f"{sae_id}: non-finite activations in the training batch at step {step}", step
-                )
-            for group in opt.param_groups:
-                group["lr"] = lr * lr_factor(
-                    step, steps, budget.lr_warmup_frac, budget.lr_decay_frac
-                )
-            with autocast(device, budget.autocast):
-                out = sae.loss(batch, step)
-            if dp is None and not torch.isfinite(out.total):
-                raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}", step)
-            opt.zero_grad(set_to_none=True)
-            out.total.backward()
-            if dp is not None:
-                _average_and_check(params, acts, out.total, sae_id, step)
-            apply_update(sae, opt, grad_clip)
-            batch_fired = getattr(out, "fired", None)
-            latents = getattr(out, "latents", None)
-            has_latents = batch_fired is not None or latents is not None
-            if step >= dead_window_start and has_latents:
-                fired |= batch_fired if batch_fired is not None else (latents > 0).any(0)
-            if step % 20 == 0 or step == steps - 1:
-                terms = _mean_terms({"total": out.total.detach(), **out.terms})
-                bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
-            if ckpt is not None and ckpt.every and (step + 1) % ckpt.every == 0:
-                if step + 1 < steps:
-                    save_checkpoint(step + 1)
-        bar.close()
-        if ckpt is not None and start < steps:
-            save_checkpoint(steps)
-        fired = distributed.any_across(fired)
-        if not distributed.same_on_all_ranks(sae):
-            raise TrainingFailed(f"{sae_id}: the ranks' weights differ after training", steps - 1)
-    finally:
-        stack.close()
-        if sequence_mode:
-            sae.downstream = None  # the handle holds the model; the trained SAE must not
-    wall = wall_before + time.perf_counter() - t0
-    window = (steps - dead_window_start) * per_step
-    return TrainRecord(
-        steps=steps,
-        tokens=steps * per_step,
-        wall_seconds=wall,
-        flops_estimate=flops_tok * steps * per_step,
-        input_scale=scale,
-        final_terms=terms,
-        train_frac_dead=float(1 - fired.float().mean()) if has_latents else None,
-        train_dead_window_tokens=window if has_latents else 0,
-    )
-
-
-def _mean_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Logged loss terms of the global batch: the mean over ranks of the shards' per-token
-    means (exact for equal shards); the shard's own values in one process."""
-    if distributed.group() is None or not terms:
-        return {k: float(v) for k, v in terms.items()}
-    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
-    vals = distributed.sum_across(vals) / distributed.world()
-    return dict(zip(terms, vals.tolist(), strict=True))
-
-
-def _average_and_check(
-    params: list[torch.Tensor], acts: torch.Tensor, total: torch.Tensor, sae_id: str, step: int
-) -> None:
-    """Average gradients over ranks and stop every rank at once on non-finite data or loss
-    (a rank that stopped alone would leave the others waiting)."""
-    bad = torch.stack(
-        [(~torch.isfinite(acts).all()).float(), (~torch.isfinite(total.detach())).float()]
-    )
-    acts_bad, loss_bad = distributed.average_grads(params, bad).tolist()
-    if acts_bad:
-        raise TrainingFailed(
-            f"{sae_id}: non-finite activations in the training batch at step {step}", step
-        )
-    if loss_bad:
-        raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}", step)
-
-
-def _resume_sharded(
-    ckpt: CheckpointPlan,
-    identity: dict[str, Any],
-    sae: Any,
-    opt: torch.optim.Optimizer,
-    device: str,
-    sae_id: str,
-    steps: int,
-    fired: torch.Tensor,
-) -> tuple[int, torch.Tensor, dict[str, float], float, bool]:
-    """``--resume`` in a data-parallel run: rank 0 reads the checkpoint and sends its bytes,
-    every rank restores from those bytes, so all continue from one state."""
-    import tempfile
-    from pathlib import Path
-
-    raw = ckpt.path.read_bytes() if distributed.is_main() and ckpt.path.exists() else None
-    raw = distributed.broadcast_object(raw)
-    if raw is None:
-        return 0, fired, {}, 0.0, False
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / ckpt.path.name
-        path.write_bytes(raw)
-        try:
-            st = checkpoint.load(path, identity, sae, opt, device)
-        except CheckpointError as e:
-            ckpt.log(f"{sae_id}: checkpoint {ckpt.path} not used: {e}; training from step 0")
-            return 0, fired, {}, 0.0, False
-    ckpt.log(f"{sae_id}: resuming training at step {st.step} of {steps} ({ckpt.path})")
-    return st.step, st.fired, st.terms, st.wall_seconds, st.has_latents
+    out = train_group([member], buffer, budget, sequence_mode, subject, hook)[sae_id]
+    if isinstance(out, TrainingFailed):
+        raise out
+    return out

@@ -87,6 +87,11 @@ class LinearDownstream:
     def logits_and_residuals(self, acts, ids):
         return acts @ self.W, [acts * 2.0]
 
+    def clean(self, batch, residuals=False):
+        if residuals:
+            return self.logits_and_residuals(batch.acts, batch.token_ids)
+        return self.logits(batch.acts, batch.token_ids), None
+
 
 def _step(sae: torch.nn.Module, device: str) -> tuple[float, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)

@@ -1,0 +1,146 @@
+"""Lockstep training against the first version's sequential path, on the embedded model.
+
+Modes (each measured in a process of its own, so peak RSS is its own):
+  stream      lockstep, activations streamed from the model: no training cache on disk
+  cache       lockstep over a harvested cache entry
+  sequential  harvest a cache, then train each SAE alone (the first version's path)
+
+    python scripts/perf/lockstep_sweep.py --compare --tokens 500000 --saes 5 --rounds 2
+    python scripts/perf/lockstep_sweep.py --rss-curve --tokens 250000 1000000 4000000
+    python scripts/perf/lockstep_sweep.py --mode stream --device cuda --saes 4 --tokens 2000000
+
+--compare runs the modes interleaved round by round and writes results/perf/lockstep.csv;
+--rss-curve runs stream mode at each token count (peak RSS should stay flat). The
+corpus must hold the tokens asked for (the embedded one has about 2.2M training tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("l1", "topk", "batchtopk", "gated", "jumprelu", "l1_april")
+
+
+def _plans(n: int) -> list:
+    from dictbench.registry import get_baseline
+    from dictbench.runner import PlannedSAE
+
+    out = []
+    for i in range(n):
+        method = METHODS[i % len(METHODS)]
+        out.append(PlannedSAE(f"{method}-{i}", method, get_baseline(method), {}))
+    return out
+
+
+def measure(mode: str, tokens: int, n_saes: int, device: str, d_sae: int, batch: int) -> dict:
+    """Train ``n_saes`` SAEs on ``tokens`` tokens in one mode; wall, RSS, disk, tokens/s."""
+    import torch
+
+    from dictbench.cache import prepare, run_harvest
+    from dictbench.run_training import RunFolder, TrainingData, train_planned
+    from dictbench.spec import resolve
+    from dictbench.subject import SubjectModel
+
+    overrides = [
+        f"budget.train_tokens={tokens}",
+        f"budget.d_sae={d_sae}",
+        f"budget.batch_size={batch}",
+        f"model.device={device}",
+        "checkpoint_every_steps=0",
+    ]
+    spec = resolve(preset="quickstart", overrides=overrides)
+    tmp = Path(tempfile.mkdtemp(prefix="lockstep-"))
+    try:
+        t0 = time.perf_counter()
+        subject = SubjectModel.load(spec.model)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pending = prepare(subject, spec.hook, spec.corpus, "train", tokens, 0, tmp / "cache")
+        if mode == "stream":
+            data = TrainingData(None, subject, spec.hook, pending.tokens, pending.fingerprint)
+            data.ctx_len = int(pending.tokens.shape[1])
+        else:
+            store = run_harvest(subject, spec.hook, pending, log=lambda m: None)
+            data = TrainingData(store, subject, spec.hook, None, "", int(store.acts.shape[1]))
+        disk = sum(p.stat().st_size for p in (tmp / "cache").rglob("*") if p.is_file())
+        run = RunFolder(tmp / "out", lambda m: None, False)
+        plans = _plans(n_saes)
+        groups = [plans] if mode != "sequential" else [[p] for p in plans]
+        for g in groups:
+            train_planned(g, spec, data, [device], run)
+        wall = time.perf_counter() - t0
+        gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "mode": mode,
+        "tokens": tokens,
+        "saes": n_saes,
+        "device": device,
+        "load_s": round(load_s, 2),
+        "wall_s": round(wall, 2),
+        "sae_tokens_per_s": round(tokens * n_saes / wall, 1),
+        "peak_rss_mb": round(rss / 2**20, 1),
+        "peak_gpu_mb": None if gpu is None else round(gpu / 2**20, 1),
+        "disk_mb": round(disk / 2**20, 1),
+    }
+
+
+def _child(mode: str, tokens: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--mode", mode, "--tokens", str(tokens)]
+    cmd += ["--saes", str(args.saes), "--device", args.device]
+    cmd += ["--d-sae", str(args.d_sae), "--batch", str(args.batch)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("stream", "cache", "sequential"))
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--rss-curve", action="store_true")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[500_000])
+    ap.add_argument("--saes", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--d-sae", type=int, default=4608)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--out", default=str(ROOT / "results" / "perf"))
+    args = ap.parse_args()
+    if args.mode:
+        res = measure(args.mode, args.tokens[0], args.saes, args.device, args.d_sae, args.batch)
+        print(json.dumps(res))
+        return
+    rows = []
+    if args.compare:
+        for _ in range(args.rounds):
+            for mode in ("sequential", "stream", "cache"):
+                rows.append(_child(mode, args.tokens[0], args))
+                print(json.dumps(rows[-1]), flush=True)
+    if args.rss_curve:
+        for n in args.tokens:
+            rows.append(_child("stream", n, args))
+            print(json.dumps(rows[-1]), flush=True)
+    if rows:
+        out = Path(args.out) / ("lockstep.csv" if args.compare else "lockstep_rss.csv")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

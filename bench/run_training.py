@@ -69,7 +69,8 @@ class TrainingData:
 
     @property
     def keep(self) -> np.ndarray:
-        return keep_positions(self.ctx_len)
+        # A store knows its own special positions (a synthetic store has none).
+        return self.store.keep if self.store is not None else keep_positions(self.ctx_len)
 
     @property
     def streamed(self) -> bool:

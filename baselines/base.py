@@ -18,6 +18,22 @@ from torch import nn
 
 from dictbench.baselines.init import project_out_radial_grad, renormalise_rows_
 
+# What ``saelens_export`` returns: (SAELens architecture, one of bench/saelens.py's
+# ARCHITECTURES; its tensors by SAELens name; extra SAELensSAE settings such as {"k": 32}
+# or {"apply_b_dec_to_input": False}).
+SAELensExport = tuple[str, dict[str, torch.Tensor], dict[str, Any]]
+ENCODER_DECODER = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def saelens_tensors(
+    sae: nn.Module, names: tuple[str, ...] = ENCODER_DECODER, **given: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The module's tensors ``names`` (detached float32 on the CPU), plus ``given`` ones
+    (e.g. a threshold the method stores in another form), for ``saelens_export``."""
+    out = {n: getattr(sae, n) for n in names}
+    out.update(given)
+    return {n: t.detach().float().cpu() for n, t in out.items()}
+
 
 @dataclass
 class LossOutput:
@@ -55,16 +71,38 @@ class BaselineConfig:
 
 
 class Baseline(nn.Module):
-    """Base class for dictbench's own baselines; third-party classes need not inherit it.
+    """The method contract (docs/writing-a-method.md has it with a complete example).
+    Third-party classes need not inherit this, but must provide what it lists.
 
-    Required (checked by :func:`dictbench.registry.check_baseline_class`):
-    ``encode``, ``decode``, ``forward``, ``loss`` and a ``W_dec`` parameter.
+    Checked before training (``registry.check_baseline_class``): an ``nn.Module`` with
+    ``encode(x)``, ``decode(f)``, ``forward(x)``, ``loss(batch, step) -> LossOutput``;
+    ``config_class``, a dataclass with ``d_in`` and ``d_sae`` (extend ``BaselineConfig``:
+    it already carries d_in, d_sae, lr, adam_beta1/2, grad_clip); ``__init__(cfg)`` keeps
+    ``self.cfg`` and creates ``W_dec`` [d_sae, d_in]. ``fold_input_scale(scale)`` is
+    needed unless ``budget.normalize_activations: false``.
+
+    Training: ``loss`` gets float32 [batch_size, d_in] (scaled to E||x||^2 = d_in when
+    normalising) and returns the total, named terms, and the batch's detached
+    ``latents`` or ``fired`` (bool [d_sae]) for the trainer's dead-latent count. That count
+    does not flow back: an AuxK-style method keeps its own buffer, updated in ``loss``
+    (topk.py). Optional hooks: ``on_train_start``, ``before_optimizer_step``,
+    ``after_step``, ``flops_per_token``.
+
+    Scoring: after ``fold_input_scale`` the harness calls ``.eval()`` and, under
+    no_grad, ``encode`` on raw [n, d_in] batches of at most ``eval.batch_tokens`` tokens
+    (n varies), ``forward`` for the downstream splice.
+
+    Facts declared on the class body (not inherited): ``saelens_export()`` (how it
+    exports; without it, it cannot), ``data_parallel_exact`` (its loss is a per-token
+    mean, so a split batch trains exactly). ``sparsity_knob`` names the config field that
+    sets sparsity. In a spec a class outside dictbench is ``method: "module:Class"``.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[BaselineConfig]] = BaselineConfig
     sparsity_knob: ClassVar[str] = ""
     needs_downstream: ClassVar[bool] = False
+    data_parallel_exact: ClassVar[bool] = False
 
     def __init__(self, cfg: BaselineConfig):
         super().__init__()
@@ -98,9 +136,6 @@ class Baseline(nn.Module):
     def fold_input_scale(self, scale: float) -> None:
         """Make a model trained on ``scale * x`` act on raw ``x``; see trainer docs."""
         raise NotImplementedError
-
-    def config_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self.cfg, f.name) for f in fields(self.cfg)}
 
 
 class UnitNormDecoder:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dictbench.baselines.base import SAELensExport, saelens_tensors
 from dictbench.baselines.topk import TopKConfig, TopKSAE
 from dictbench.distributed import gather_across, min_across, rank, rows_across, sum_across
 from dictbench.registry import register_baseline
@@ -36,6 +37,19 @@ class BatchTopKSAE(TopKSAE):
     name = "batchtopk"
     config_class = BatchTopKConfig
     sparsity_knob = "k"
+    # Checked: the loss is a mean over tokens, so a batch split across processes trains
+    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    data_parallel_exact = True
+
+    def saelens_export(self) -> SAELensExport:
+        """At inference BatchTopK is pre * 1[pre > t] with one threshold t >= 0 (an EMA of
+        positive activations, 0 before training): SAELens's JumpReLU with every threshold t."""
+        d_sae = self.cfg.d_sae
+        return (
+            "jumprelu",
+            saelens_tensors(self, threshold=self.threshold.detach().reshape(1).expand(d_sae)),
+            {},
+        )
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)

@@ -22,8 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dictbench.baselines.base import SAELensExport, saelens_tensors
-from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
+from dictbench.baselines.base import (
+    Baseline,
+    BaselineConfig,
+    LossOutput,
+    SAELensExport,
+    saelens_tensors,
+    warmup_factor,
+)
 from dictbench.baselines.init import unit_rows
 from dictbench.registry import register_baseline
 
@@ -50,7 +56,6 @@ class E2ESAE(Baseline):
     # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
     data_parallel_exact = True
     needs_downstream = True
-
 
     def saelens_export(self) -> SAELensExport:
         """At inference this is a standard ReLU SAE on the raw input; decode normalises the decoder

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dictbench.baselines.base import SAELensExport, saelens_tensors
-from dictbench.baselines.base import LossOutput
+from dictbench.baselines.base import LossOutput, SAELensExport
 from dictbench.baselines.e2e import E2ESAE, E2EConfig, kl_clean_to_sae
 from dictbench.registry import register_baseline
 
@@ -39,7 +38,6 @@ class E2EDSSAE(E2ESAE):
     data_parallel_exact = True
     config_class = E2EDSConfig
     clean_residuals = True  # its loss compares residual streams: the shared pass keeps them
-
 
     def saelens_export(self) -> SAELensExport:
         """At inference this is e2e's SAE (only the training loss differs)."""

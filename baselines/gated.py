@@ -39,7 +39,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
+from dictbench.baselines.base import (
+    Baseline,
+    BaselineConfig,
+    LossOutput,
+    SAELensExport,
+    saelens_tensors,
+    warmup_factor,
+)
 from dictbench.baselines.dense_ops import (
     autocast_on,
     centred_encoder,
@@ -87,6 +94,17 @@ class GatedSAE(Baseline):
     name = "gated"
     config_class = GatedConfig
     sparsity_knob = "l1_coefficient"
+    # Checked: the loss is a mean over tokens, so a batch split across processes trains
+    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    data_parallel_exact = True
+
+    def saelens_export(self) -> SAELensExport:
+        """At inference this is SAELens's gated SAE, tensor for tensor."""
+        return (
+            "gated",
+            saelens_tensors(self, names=("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec")),
+            {},
+        )
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)

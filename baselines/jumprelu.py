@@ -46,7 +46,9 @@ from dictbench.baselines.base import (
     Baseline,
     BaselineConfig,
     LossOutput,
+    SAELensExport,
     UnitNormDecoder,
+    saelens_tensors,
     warmup_factor,
 )
 from dictbench.baselines.dense_ops import centred_encoder
@@ -115,6 +117,17 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
     name = "jumprelu"
     config_class = JumpReLUConfig
     sparsity_knob = "l0_coefficient"
+    # Checked: the loss is a mean over tokens, so a batch split across processes trains
+    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    data_parallel_exact = True
+
+    def saelens_export(self) -> SAELensExport:
+        """At inference this is SAELens's JumpReLU with threshold exp(log_threshold)."""
+        return (
+            "jumprelu",
+            saelens_tensors(self, threshold=self.log_threshold.detach().exp()),
+            {},
+        )
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)

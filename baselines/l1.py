@@ -24,7 +24,9 @@ from dictbench.baselines.base import (
     Baseline,
     BaselineConfig,
     LossOutput,
+    SAELensExport,
     UnitNormDecoder,
+    saelens_tensors,
     warmup_factor,
 )
 from dictbench.baselines.dense_ops import relu_path_is_sparse, relu_sae_dense
@@ -46,6 +48,13 @@ class L1SAE(UnitNormDecoder, Baseline):
     name = "l1"
     config_class = L1Config
     sparsity_knob = "l1_coefficient"
+    # Checked: the loss is a mean over tokens, so a batch split across processes trains
+    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    data_parallel_exact = True
+
+    def saelens_export(self) -> SAELensExport:
+        """At inference this is a standard ReLU SAE that subtracts b_dec from its input."""
+        return "standard", saelens_tensors(self), {"apply_b_dec_to_input": True}
 
     def __init__(self, cfg: L1Config):
         super().__init__(cfg)

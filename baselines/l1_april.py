@@ -25,7 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, warmup_factor
+from dictbench.baselines.base import (
+    Baseline,
+    BaselineConfig,
+    LossOutput,
+    SAELensExport,
+    saelens_tensors,
+    warmup_factor,
+)
 from dictbench.baselines.dense_ops import relu_path_is_sparse, relu_sae_dense
 from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
 from dictbench.registry import register_baseline
@@ -56,6 +63,13 @@ class L1AprilSAE(Baseline):
     name = "l1_april"
     config_class = L1AprilConfig
     sparsity_knob = "l1_coefficient"
+    # Checked: the loss is a mean over tokens, so a batch split across processes trains
+    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    data_parallel_exact = True
+
+    def saelens_export(self) -> SAELensExport:
+        """At inference this is a standard ReLU SAE on the raw input (no b_dec subtracted)."""
+        return "standard", saelens_tensors(self), {"apply_b_dec_to_input": False}
 
     def __init__(self, cfg: L1AprilConfig):
         super().__init__(cfg)

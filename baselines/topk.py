@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from dictbench.baselines.auxk import data_variance, sparse_auxk_loss
-from dictbench.baselines.base import Baseline, BaselineConfig, LossOutput, UnitNormDecoder
+from dictbench.baselines.base import (
+    Baseline,
+    BaselineConfig,
+    LossOutput,
+    SAELensExport,
+    UnitNormDecoder,
+    saelens_tensors,
+)
 from dictbench.baselines.init import geometric_median, unit_rows
 from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
 from dictbench.distributed import any_across, rows_across
@@ -49,6 +56,13 @@ class TopKSAE(UnitNormDecoder, Baseline):
     name = "topk"
     config_class = TopKConfig
     sparsity_knob = "k"
+    # Checked: the loss is a mean over tokens, so a batch split across processes trains
+    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    data_parallel_exact = True
+
+    def saelens_export(self) -> SAELensExport:
+        """At inference this is SAELens's TopK SAE with the same k."""
+        return "topk", saelens_tensors(self), {"k": int(self.cfg.k)}
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)

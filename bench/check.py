@@ -1,7 +1,7 @@
 """Regression check of a run against a committed reference run.
 
 Why direction-aware: a check that flags every change punishes improvements, so each
-metric has a better direction (``leaderboard.DIRECTIONS``) and only a change the wrong
+metric has a better direction (declared by its task, ``Task.metrics``) and only a change the wrong
 way, by more than the metric's tolerance, is a regression. Metrics with no better
 direction (the clean model's loss, token counts) must stay put within tolerance.
 
@@ -19,21 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from dictbench.errors import UserError
-from dictbench.leaderboard import (
-    AUTOINTERP_N_FAILED,
-    AUTOINTERP_N_SCORED,
-    AUTOINTERP_STDS,
-    DIRECTIONS,
-    Run,
-    check_compatible,
-    load_run,
-    training_error,
-)
-
-DIRECTION_NAMES = ("higher", "lower", "target1", "equal")
+from dictbench.leaderboard_compat import check_compatible
+from dictbench.leaderboard_load import Run, load_run, training_error
+from dictbench.metric_facts import MetricFact, facts_for, registered
+from dictbench.metric_meta import DIRECTIONS as DIRECTION_NAMES
+from dictbench.metric_meta import Metric
+from dictbench.training_metrics import IGNORED_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -47,65 +40,46 @@ class Tolerance:
         return max(self.abs, self.rel * abs(reference))
 
 
-def _tol(metric: str, abs_: float = 0.0, rel: float = 0.0) -> Tolerance:
-    return Tolerance(DIRECTIONS[metric], abs_, rel)
+def from_metric(metric: Metric) -> Tolerance:
+    """A metric's declared tolerance (``Task.metrics``); ``gate=False`` means ignored."""
+    return Tolerance(metric.direction, metric.abs_tol, metric.rel_tol, ignore=not metric.gate)
 
 
-DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "l0": _tol("l0", 0.5, 0.02),
-    "l1": _tol("l1", 0.0, 0.02),
-    "mse": _tol("mse", 0.0, 0.02),
-    "fvu": _tol("fvu", 0.005),
-    "explained_variance": _tol("explained_variance", 0.005),
-    "cossim": _tol("cossim", 0.005),
-    "relative_reconstruction_bias": _tol("relative_reconstruction_bias", 0.005),
-    "l2_ratio": _tol("l2_ratio", 0.005),
-    "ce_clean": _tol("ce_clean", 1e-3),
-    "ce_zero": _tol("ce_zero", 1e-3),
-    "ce_mean": _tol("ce_mean", 1e-3),
-    "ce_sae": _tol("ce_sae", 0.02, 0.005),
-    "ce_loss_recovered": _tol("ce_loss_recovered", 0.005),
-    "ce_loss_recovered_mean_ablation": _tol("ce_loss_recovered_mean_ablation", 0.01),
-    "delta_ce": _tol("delta_ce", 0.02, 0.02),
-    "kl": _tol("kl", 0.02, 0.02),
-    "frac_dead": _tol("frac_dead", 0.01),
-    "frac_alive": _tol("frac_alive", 0.01),
-    "frac_dense": _tol("frac_dense", 0.01),
-    "window_tokens": _tol("window_tokens"),
-    "tokens": _tol("tokens"),
-    "flops_estimate": _tol("flops_estimate", 0.0, 1e-9),
-    "train_frac_dead": _tol("train_frac_dead", 0.01),
-    # Synthetic feature recovery: the fraction moves in steps of 1/n_features (1/128 in the
-    # preset), and a rounding-level change to the data has moved it by 3 features.
-    "frac_recovered": _tol("frac_recovered", 0.03),
-    "mmcs_true_to_learned": _tol("mmcs_true_to_learned", 0.02),
-    "mmcs_learned_to_true": _tol("mmcs_learned_to_true", 0.02),
-    "coef_corr": _tol("coef_corr", 0.02),
-    "coef_corr_recovered": _tol("coef_corr_recovered", 0.02),
-    "coef_shrinkage": _tol("coef_shrinkage", 0.02),
-    "detection_recall": _tol("detection_recall", 0.02),
-    "detection_precision": _tol("detection_precision", 0.02),
-    # Autointerp scores depend on a judge model's sampling: a mean over ~100 latents moves
-    # by a few hundredths between judges or prompt caches.
-    "detection_balanced_accuracy": _tol("detection_balanced_accuracy", 0.05),
-    "detection_accuracy": _tol("detection_accuracy", 0.05),
-    "fuzzing_balanced_accuracy": _tol("fuzzing_balanced_accuracy", 0.05),
-    "fuzzing_accuracy": _tol("fuzzing_accuracy", 0.05),
-    "autointerp_n_latents": _tol("autointerp_n_latents"),
-    # A latent or two more or less scored is the judge's flakiness, not the SAE's.
-    **{m: _tol(m, 2.0) for m in AUTOINTERP_N_SCORED + AUTOINTERP_N_FAILED},
-    # The spread over a sample of latents: reported, not a quality to gate on.
-    **{m: Tolerance("equal", ignore=True) for m in AUTOINTERP_STDS},
-    # Measures the machine, not the SAE.
-    "wall_seconds": Tolerance("lower", ignore=True),
-}
-# Final training-loss terms differ per method and are a batch's value, not an evaluation.
-IGNORED_PREFIXES = ("final_",)
-# A metric dictbench does not know (a third-party task): any change beyond 2% fails,
-# until a tolerance file says which way is better.
+def _from_facts(facts: dict[str, MetricFact]) -> dict[str, Tolerance]:
+    return {name: from_metric(f.metric) for name, f in facts.items()}
+
+
+def default_tolerances() -> dict[str, Tolerance]:
+    """Every registered task's declared tolerances (and the training record's)."""
+    return _from_facts(registered())
+
+
+def __getattr__(name: str) -> Any:
+    # DEFAULT_TOLERANCES: derived from the declarations on first use (imports the tasks).
+    if name == "DEFAULT_TOLERANCES":
+        return default_tolerances()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# A metric nobody declared (neither its record nor a registered task): any change beyond
+# 2% fails, until a tolerance file says which way is better.
 UNKNOWN = Tolerance("equal", 1e-9, 0.02)
 
 _YAML_KEYS = {"direction", "abs", "rel", "ignore"}
+
+
+class ToleranceTable(dict):
+    """Tolerances by metric, remembering which keys the user gave (``given``): at compare
+    time those keys are laid over the records' own declarations, so ``{abs: 0.05}`` for
+    a third-party metric keeps the direction its record declares."""
+
+    def __init__(self, *args: Any, given: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(*args)
+        self.given: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (given or {}).items()}
+
+    def set(self, metric: str, tol: Tolerance, entry: dict[str, Any]) -> None:
+        self[metric] = tol
+        self.given[metric] = {**self.given.get(metric, {}), **entry}
 
 
 def tolerance_for(metric: str, table: dict[str, Tolerance]) -> Tolerance:
@@ -152,15 +126,12 @@ def _merge(base: Tolerance, entry: dict[str, Any], where: str) -> Tolerance:
 def load_tolerances(path: Path | None, table: dict[str, Tolerance] | None = None) -> dict:
     """Defaults overlaid with a YAML file mapping metric -> {direction, abs, rel, ignore}.
     Keys given replace only themselves; ``default`` sets the tolerance of unknown metrics."""
-    table = dict(DEFAULT_TOLERANCES if table is None else table)
+    table = _copy(default_tolerances() if table is None else table)
     if path is None:
         return table
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"--tolerances: cannot read '{path}' ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise UserError(f"--tolerances: '{path}' is not valid YAML ({e})") from e
+    from dictbench import safe_yaml  # aliases, duplicate keys and empty files refused
+
+    doc = safe_yaml.load_path(path, f"--tolerances: '{path}'")
     if doc is None:
         return table
     if not isinstance(doc, dict):
@@ -170,7 +141,7 @@ def load_tolerances(path: Path | None, table: dict[str, Tolerance] | None = None
         if not isinstance(entry, dict):
             raise UserError(f"{where}: expected a mapping like {{abs: 0.01}}, got {entry!r}")
         base = tolerance_for(str(metric), table)
-        table[str(metric)] = _merge(base, entry, where)
+        table.set(str(metric), _merge(base, entry, where), entry)
     return table
 
 
@@ -181,7 +152,7 @@ def apply_flags(
     ignore: list[str] | None = None,
 ) -> dict[str, Tolerance]:
     """``--abs-tol METRIC=V``, ``--rel-tol METRIC=V`` and ``--ignore METRIC`` on top."""
-    table = dict(table)
+    table = _copy(table)
     for flag, key, items in (("--abs-tol", "abs", abs_tol), ("--rel-tol", "rel", rel_tol)):
         for item in items or []:
             metric, sep, value = item.partition("=")
@@ -191,9 +162,10 @@ def apply_flags(
                 v = float(value)
             except ValueError:
                 raise UserError(f"{flag} {metric}: '{value}' is not a number") from None
-            table[metric] = _merge(tolerance_for(metric, table), {key: v}, f"{flag} {metric}")
+            merged = _merge(tolerance_for(metric, table), {key: v}, f"{flag} {metric}")
+            table.set(metric, merged, {key: v})
     for metric in ignore or []:
-        table[metric] = replace(tolerance_for(metric, table), ignore=True)
+        table.set(metric, replace(tolerance_for(metric, table), ignore=True), {"ignore": True})
     return table
 
 
@@ -236,6 +208,26 @@ def judge(ref: float | None, new: float | None, tol: Tolerance) -> str:
     return "better" if gain > allowed else "ok"
 
 
+def _copy(table: dict[str, Tolerance]) -> ToleranceTable:
+    return ToleranceTable(table, given=getattr(table, "given", None))
+
+
+def _effective(ref: Run, run: Run, table: dict[str, Tolerance]) -> dict[str, Tolerance]:
+    """The records' own declarations (the reference's, then the run's) over the table's
+    defaults, then the user's settings on top. For a plain dict (no ``given``), an entry
+    that differs from the registry's default counts as the user's."""
+    declared = _from_facts(facts_for([*ref.records, *run.records]))
+    out = {**table, **declared}
+    given = getattr(table, "given", None)
+    if given is None:
+        defaults = default_tolerances()
+        out.update({m: t for m, t in table.items() if defaults.get(m) != t})
+        return out
+    for metric, entry in given.items():
+        out[metric] = _merge(tolerance_for(metric, out), entry, metric)
+    return out
+
+
 def _by_key(run: Run) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for rec in run.records:
@@ -256,8 +248,8 @@ def compare(
     allow_mixed: bool = False,
 ) -> pd.DataFrame:
     """One row per compared (SAE, task, metric), plus one per missing or failed SAE/task."""
-    table = DEFAULT_TOLERANCES if tolerances is None else tolerances
     ref, run = load_run(Path(ref_dir), "reference"), load_run(Path(run_dir), "run")
+    table = _effective(ref, run, default_tolerances() if tolerances is None else tolerances)
     if not allow_mixed:
         check_compatible([ref, run])
     ref_recs, run_recs = _by_key(ref), _by_key(run)

@@ -23,14 +23,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from dictbench import resume
 
         data = resume.recorded_spec_data(Path(args.out))  # the spec the run folder records
+        spec.replace_baselines(data, args.baseline)
         for assignment in overrides:
             spec.apply_override(data, assignment)
         resolved = spec.build(spec.RunSpec, data)
         spec.validate(resolved)
     else:
-        resolved = spec.resolve(args.spec, args.preset, overrides)
-    if args.baseline:
-        resolved.baselines = [spec.BaselineEntry(method=ref) for ref in args.baseline]
+        resolved = spec.resolve(args.spec, args.preset, overrides, args.baseline)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UserError(f"--seeds: expected a count of at least 1, got {args.seeds}")
+        resolved.seeds = list(range(args.seeds))
         spec.validate(resolved)
     shard = _parse_shard(args.shard) if args.shard else None
     from dictbench import distributed
@@ -56,11 +59,11 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _cmd_list(_args: argparse.Namespace) -> int:
-    from dictbench import registry, spec
+    from dictbench import static_names  # names read from source: no torch import
 
-    print("baselines: " + ", ".join(registry.baseline_names()))
-    print("tasks:     " + ", ".join(registry.task_names()))
-    print("presets:   " + ", ".join(spec.preset_names()))
+    print("baselines: " + ", ".join(static_names.baseline_names()))
+    print("tasks:     " + ", ".join(static_names.task_names()))
+    print("presets:   " + ", ".join(static_names.preset_names()))
     return 0
 
 
@@ -106,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and score only SAEs i, i+N, i+2N, ... of the spec's sweep (0-based), "
         "e.g. one shard per machine over a shared cache_dir; each shard gets its own --out "
         "(default runs/<name>-shard<I>of<N>) and `dictbench leaderboard` merges the shards",
+    )
+    p_run.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="train every planned SAE once per seed 0..N-1 (init and token order; the data "
+        "split stays from the spec's seed); ids get @seed<N> and the leaderboard shows "
+        "each setting's mean and 95%% interval",
     )
     p_run.set_defaults(func=_cmd_run)
 

@@ -39,22 +39,9 @@ from dictbench.errors import UserError
 DEFAULT_TIMEOUT_MIN = 24 * 60
 TIMEOUT_ENV = "DICTBENCH_DIST_TIMEOUT_MIN"
 
-# Baselines whose losses were checked to be per-token means, or made exact across
-# shards with the helpers below. A class outside this list may declare itself exact
-# with ``data_parallel_exact = True`` in its own body (not inherited: a subclass that
-# changes the loss must check it again).
-CHECKED_EXACT = frozenset(
-    {
-        "dictbench.baselines.l1:L1SAE",
-        "dictbench.baselines.l1_april:L1AprilSAE",
-        "dictbench.baselines.gated:GatedSAE",
-        "dictbench.baselines.jumprelu:JumpReLUSAE",
-        "dictbench.baselines.topk:TopKSAE",
-        "dictbench.baselines.batchtopk:BatchTopKSAE",
-        "dictbench.baselines.e2e:E2ESAE",
-        "dictbench.baselines.e2e_ds:E2EDSSAE",
-    }
-)
+# A baseline whose loss was checked to be a per-token mean, or made exact across shards
+# with the helpers below, declares ``data_parallel_exact = True`` in its own class body
+# (not inherited: a subclass that changes the loss must check it again).
 
 
 @dataclass(frozen=True)
@@ -172,7 +159,7 @@ def refuse_unsupported(planned: list[Any], batch_size: int, seqs_per_step: int) 
         )
     for p in planned:
         cls = p.cls
-        if class_ref(cls) not in CHECKED_EXACT and not vars(cls).get("data_parallel_exact"):
+        if not vars(cls).get("data_parallel_exact"):
             raise UserError(
                 f"baseline '{p.method}' ({class_ref(cls)}) is not known to train exactly "
                 "when its batch is split across processes; run it in one process, or set "

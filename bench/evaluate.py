@@ -1,4 +1,9 @@
-"""`dictbench eval`: score one saved SAE, dictbench's or SAELens's, with dictbench's tasks.
+"""`dictbench eval`: score saved SAEs, dictbench's or any other library's, with dictbench's tasks.
+
+What it reads: dictbench, SAELens, sparsify, dictionary_learning and Gemma Scope
+folders, local or from the hub (``dictbench.formats``); many at once, grouped by the
+spec they resolve to so that SAEs at one model and hook share everything that does
+not depend on the SAE (``dictbench.eval_groups``), with all records in one folder.
 
 The scoring is the run's own: the same evaluation split through the activation
 cache, the same task environment (``runner.build_env``), the same records
@@ -22,20 +27,25 @@ eval.json says which.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from dictbench import __version__, atomic, registry, saelens
-from dictbench.cache import ActivationStore, default_cache_root, prepare, run_harvest
+from dictbench import __version__, atomic, formats, saelens
 from dictbench.errors import SpecError, UserError
+from dictbench.eval_groups import (
+    Group,
+    check_writable,
+    prepare_group,
+    score,
+)
+from dictbench.formats import sources
 from dictbench.leaderboard import table
-from dictbench.runner import build_env, record_context, score_sae
-from dictbench.sae_io import CONFIG, load_sae, read_config, sae_folder
+from dictbench.sae_io import CONFIG, load_sae, read_config
 from dictbench.spec import (
     DEFAULT_PRESET,
     BaselineEntry,
@@ -59,18 +69,35 @@ class LoadedSAE:
     module: torch.nn.Module
     sae_id: str
     method: str  # the ``baseline`` its records carry
-    fmt: str  # "dictbench" or "saelens"
+    fmt: str  # "dictbench", "saelens", "sparsify", "dictionary_learning", "gemma_scope"
     hook: str | None  # our spelling; None if unknown or not a residual-stream point
     hook_name: str | None  # as the SAE's cfg.json spells it
     model: str | None
     d_in: int
     run_spec: dict[str, Any] | None
     path: Path
+    # The hub id of the model a SAELens release names: the default model to score on.
+    release_model: str | None = None
 
 
 def load_any(path: str | Path, trust_code: bool = False) -> LoadedSAE:
-    """A dictbench or SAELens SAE folder (safetensors only; pickles are refused)."""
-    folder = sae_folder(path)
+    """An SAE folder in any supported format (see dictbench.formats); pickles refused,
+    except dictionary_learning's ae.pt, read with torch.load(weights_only=True)."""
+    fmt, folder = formats.detect(path)
+    if fmt != "saelens_layout":
+        c = formats.load_foreign(fmt, folder)
+        return LoadedSAE(
+            module=c.module,
+            sae_id=folder.name,
+            method=c.method,
+            fmt=c.fmt,
+            hook=c.hook,
+            hook_name=c.hook_name,
+            model=c.model,
+            d_in=c.d_in,
+            run_spec=None,
+            path=folder,
+        )
     cfg = read_config(folder / CONFIG)
     if saelens.is_saelens_config(cfg):
         module, info = saelens.load_saelens(folder)
@@ -118,12 +145,12 @@ def _read_spec_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"--spec: no such file '{path}'")
+    from dictbench import safe_yaml  # aliases, duplicate keys and empty files refused
+
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
-    if data is None:
-        return {}
+        data = safe_yaml.load_path(p)
+    except UserError as e:
+        raise SpecError(str(e)) from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping")
     return data
@@ -152,6 +179,9 @@ def _base_spec(loaded: LoadedSAE, spec_path: str | None, preset: str | None) -> 
             "where it belongs"
         )
     data = {**load_preset_dict(DEFAULT_PRESET), "preset": DEFAULT_PRESET, "hook": loaded.hook}
+    if loaded.release_model:
+        data["model"] = {**(data.get("model") or {}), "name": loaded.release_model}
+        return data, f"preset {DEFAULT_PRESET} on the release's model at the SAE's hook"
     return data, f"preset {DEFAULT_PRESET} at the SAE's hook"
 
 
@@ -161,9 +191,14 @@ def resolve_spec(
     preset: str | None = None,
     overrides: list[str] | None = None,
     tasks: list[str] | None = None,
+    follow_hook: bool = False,
 ) -> tuple[RunSpec, str]:
-    """The validated spec to score under and a phrase saying where it came from."""
+    """The validated spec to score under and a phrase saying where it came from.
+    ``follow_hook`` (several SAEs in one eval): a given spec's hook becomes the SAE's
+    own, so one spec serves SAEs at every layer; ``--set hook=`` still wins."""
     data, source = _base_spec(loaded, spec_path, preset)
+    if follow_hook and loaded.hook is not None:
+        data["hook"] = loaded.hook
     for ov in overrides or []:
         apply_override(data, ov)
     if tasks:
@@ -205,41 +240,43 @@ def _check_hook(loaded: LoadedSAE, spec: RunSpec) -> None:
 # --- scoring ------------------------------------------------------------------------------
 
 
-# eval.json's name for a mean over part of the training split (not the run's mean).
-PARTIAL_MEAN = "training split, part"
+def _groups(
+    loaded: list[LoadedSAE], spec_path: str | None, preset: str | None, overrides, tasks
+) -> list[Group]:
+    groups: dict[str, Group] = {}
+    follow = len(loaded) > 1
+    for sae in loaded:
+        spec, source = resolve_spec(sae, spec_path, preset, overrides, tasks, follow_hook=follow)
+        key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+        groups.setdefault(key, Group(spec, source, [])).saes.append(sae)
+    return list(groups.values())
 
 
-def _train_mean(
-    subject: SubjectModel, spec: RunSpec, root: Path, mean_tokens: int | None
-) -> tuple[Any, dict[str, Any]]:
-    """The store whose mean is the mean-ablation baseline, and what eval.json says of it."""
-
-    def pending(n: int) -> Any:
-        return prepare(subject, spec.hook, spec.corpus, "train", n, spec.seed, root, log=log)
-
-    if mean_tokens is None:
-        full = pending(spec.budget.train_tokens)
-        if isinstance(full, ActivationStore):
-            return full, {"source": "training cache of the spec", "tokens": full.n_tokens}
-        n = min(spec.budget.train_tokens, spec.eval.tokens)
-        if n == spec.budget.train_tokens:
-            return full, {"source": "training split of the spec", "tokens": n}
-    else:
-        if mean_tokens <= 0:
-            raise UserError(f"--mean-tokens: must be positive, got {mean_tokens}")
-        n = mean_tokens
-    return pending(n), {"source": PARTIAL_MEAN, "tokens": n}
+def load_sources(
+    paths: list[str | Path], match: str | None = None, trust_code: bool = False
+) -> list[LoadedSAE]:
+    """Every SAE the arguments name (see dictbench.formats.sources), loaded and checked,
+    with ids made unique so that no two write the same records."""
+    loaded = []
+    for src in sources.expand([str(p) for p in paths], match):
+        sae = load_any(src.folder, trust_code=trust_code)
+        if src.sae_id:
+            sae.sae_id = src.sae_id
+        if src.hub is not None and src.hub.model:
+            sae.release_model = sae.model = src.hub.model
+        loaded.append(sae)
+    for sae, new_id in zip(loaded, sources.unique_ids([s.sae_id for s in loaded]), strict=True):
+        sae.sae_id = new_id
+    return loaded
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot write to '{out}' ({e.strerror})") from e
+def evaluate(path: str | Path, **kwargs: Any) -> Path:
+    """Score the SAE at ``path`` (see :func:`evaluate_many`); returns the output folder."""
+    return evaluate_many([path], **kwargs)
 
 
-def evaluate(
-    path: str | Path,
+def evaluate_many(
+    paths: list[str | Path],
     spec_path: str | None = None,
     preset: str | None = None,
     overrides: list[str] | None = None,
@@ -248,69 +285,36 @@ def evaluate(
     sae_id: str | None = None,
     mean_tokens: int | None = None,
     trust_code: bool = False,
+    match: str | None = None,
 ) -> Path:
-    """Score the SAE at ``path`` and write its records under ``out``; returns ``out``."""
+    """Score every SAE the paths name and write their records into one run folder.
+    Everything is loaded and checked (formats, specs, widths, corpus) before anything is
+    written; with several SAEs their weights are then let go and read again one at a
+    time, so a whole release never sits in memory at once."""
     t0 = time.perf_counter()
-    loaded = load_any(path, trust_code=trust_code)
+    loaded = load_sources(paths, match=match, trust_code=trust_code)
     if sae_id:
-        loaded.sae_id = sae_id
-    spec, source = resolve_spec(loaded, spec_path, preset, overrides, tasks)
-    out_dir = Path(out) if out else Path("runs") / f"eval-{loaded.sae_id}"
-    log(f"scoring {loaded.fmt} SAE {loaded.sae_id} ({loaded.method}) from {loaded.path}")
-    log(f"spec: {spec.name} ({source}); hook {spec.hook}; tasks {', '.join(spec.tasks)}")
-    if loaded.model and loaded.model != spec.model.name:
-        log(f"note: the SAE names model {loaded.model!r}; scoring on {spec.model.name!r}")
-
-    log(f"loading subject model {spec.model.name} ...")
-    subject = SubjectModel.load(spec.model)
-    subject.stream_position(spec.hook)
-    if loaded.d_in != subject.d_model:
-        raise UserError(
-            f"{loaded.path}: the SAE reads {loaded.d_in}-dimensional activations but "
-            f"{spec.model.name} has d_model {subject.d_model}; pass --spec or --preset naming "
-            "the model it was trained on"
-        )
-    root = Path(spec.cache_dir) if spec.cache_dir else default_cache_root()
-    pending_eval = prepare(
-        subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, root, log=log
-    )
-    pending_mean, mean_info = _train_mean(subject, spec, root, mean_tokens)
-
-    _check_writable(out_dir)
-    info: dict[str, Any] = {
-        "status": "running",
-        "sae": {
-            "path": str(loaded.path),
-            "format": loaded.fmt,
-            "sae_id": loaded.sae_id,
-            "baseline": loaded.method,
-            "hook": loaded.hook_name,
-            "model": loaded.model,
-        },
-        "spec_source": source,
-        "spec": spec.to_dict(),
-        "train_mean": mean_info,
-        "versions": {"dictbench": __version__, "torch": torch.__version__},
-        "device": subject.device,
-    }
-    atomic.write_json(out_dir / "eval.json", info)
-
-    eval_store = run_harvest(subject, spec.hook, pending_eval, log=log)
-    mean_store = run_harvest(subject, spec.hook, pending_mean, log=log)
-    env = build_env(spec, subject, mean_store.mean, eval_store)
-    context = record_context(spec, subject, eval_store)
-    task_objs = [registry.get_task(name)() for name in spec.tasks]
-    module = loaded.module.to(subject.device).eval()
-    task_context = {}
-    if mean_info["source"] == PARTIAL_MEAN:
-        # Not the mean a run of this spec ablates with: its records must not be compared
-        # with a run's as if they were (the leaderboard and `check` refuse the mix).
-        n_mean = mean_info["tokens"]
-        task_context["downstream"] = {"mean_ablation": f"first {n_mean} training tokens"}
-    score_sae(module, loaded.sae_id, loaded.method, task_objs, env, out_dir, context, task_context)
-
+        if len(loaded) > 1:
+            raise UserError("--sae-id: names one SAE, but the arguments name several")
+        loaded[0].sae_id = sae_id
+    groups = _groups(loaded, spec_path, preset, overrides, tasks)
+    default = f"eval-{loaded[0].sae_id}" if len(loaded) == 1 else f"eval-{len(loaded)}-saes"
+    out_dir = Path(out) if out else Path("runs") / default
+    subjects: dict[str, SubjectModel] = {}
+    prepared = [prepare_group(group, subjects, mean_tokens) for group in groups]
+    if len(loaded) > 1:
+        for sae in loaded:
+            sae.module = None  # type: ignore[assignment]  # read again when scored
+    check_writable(out_dir)
+    info: dict[str, Any] = {"status": "running", "saes": [], "groups": []}
+    info["versions"] = {"dictbench": __version__, "torch": torch.__version__}
+    for group, prep in zip(groups, prepared, strict=True):
+        score(group, prep, out_dir, info, lambda p: load_any(p, trust_code=trust_code))
     info.update(status="complete", wall_seconds=time.perf_counter() - t0)
-    info["caches"] = {"eval": str(eval_store.path), "train_mean": str(mean_store.path)}
+    if len(loaded) == 1:  # the single-SAE layout eval.json has always had
+        info["sae"] = info["saes"][0]
+        group = info["groups"][0]
+        info.update({k: group[k] for k in ("spec_source", "spec", "train_mean", "caches")})
     atomic.write_json(out_dir / "eval.json", info)
     log("")
     log(table(out_dir))

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ class JudgeSettings:
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
     cache_dir: Path | None = None
+    # Circuit breaker: after this many connection failures in a row (nothing answered at
+    # all, not even an error status), the judge is taken as down and no more requests are
+    # sent; the remaining calls fail at once with the reason. 0 switches it off.
+    breaker_after: int = 5
 
     def public(self) -> dict[str, Any]:
         """Everything but the key, for result records."""
@@ -70,6 +75,7 @@ class JudgeSettings:
             "concurrency": self.concurrency,
             "timeout_s": self.timeout_s,
             "max_retries": self.max_retries,
+            "breaker_after": self.breaker_after,
             "cache_dir": str(self.cache_dir) if self.cache_dir else None,
         }
 
@@ -80,6 +86,7 @@ class JudgeStats:
     retries: int = 0
     cache_hits: int = 0
     failed_calls: int = 0  # calls that ended without a usable reply
+    breaker_open: bool = False  # the judge was found unreachable and requests stopped
     prompt_tokens: int = 0  # as reported by the server, for requests sent in this run
     completion_tokens: int = 0
 
@@ -144,6 +151,7 @@ class Judge:
         self._sem: asyncio.Semaphore | None = None
         self._inflight: dict[str, asyncio.Future] = {}
         self._fatal: str | None = None
+        self._conn_failures = 0  # consecutive attempts that reached no server
         self._jitter = random.Random()
 
     async def __aenter__(self) -> Judge:
@@ -207,8 +215,10 @@ class Judge:
                     resp = await self._client.chat.completions.create(
                         model=s.model, messages=messages, **params
                     )
+                    self._conn_failures = 0
                     return self._read(resp)
                 except openai.APIStatusError as e:
+                    self._conn_failures = 0  # a server answered: not a dead judge
                     error = self._describe(e)
                     status = e.status_code
                     retryable = status in RETRY_STATUSES or status >= 500
@@ -218,14 +228,32 @@ class Judge:
                     headers = e.response.headers
                 except (openai.APITimeoutError, openai.APIConnectionError) as e:
                     error, retryable, headers = self._describe(e), True, None
+                    if self._count_connection_failure(error):
+                        return Reply(None, self._fatal)
                 except Exception as e:  # a reply the SDK could not parse: not retried
                     return Reply(None, f"malformed reply: {self._describe(e)}")
             if not retryable or attempt >= s.max_retries:
                 suffix = f" after {attempt + 1} attempts" if retryable else ""
                 return Reply(None, error + suffix)
             await asyncio.sleep(self._delay(attempt, headers))
+            if self._fatal is not None:  # the breaker opened while this call slept
+                return Reply(None, self._fatal)
             attempt += 1
             self.stats.retries += 1
+
+    def _count_connection_failure(self, error: str) -> bool:
+        """Count one unanswered attempt; open the breaker (and say so, once) at the limit."""
+        self._conn_failures += 1
+        limit = self.settings.breaker_after
+        if self._fatal is not None or limit <= 0 or self._conn_failures < limit:
+            return self._fatal is not None
+        self._fatal = (
+            f"judge unreachable: {self._conn_failures} connection failures in a row "
+            f"(last: {error}); no further requests sent"
+        )
+        self.stats.breaker_open = True
+        print(f"dictbench: {self._fatal}", file=sys.stderr, flush=True)
+        return True
 
     def _read(self, resp: Any) -> Reply:
         usage = getattr(resp, "usage", None)

@@ -70,12 +70,14 @@ def method_colours(methods: list[str], baselines: dict[str, str]) -> dict[str, s
     return out
 
 
-def pareto_front(l0: np.ndarray, values: np.ndarray, metric: str) -> np.ndarray:
+def pareto_front(
+    l0: np.ndarray, values: np.ndarray, metric: str, directions: dict[str, str] | None = None
+) -> np.ndarray:
     """Indices of the Pareto-optimal points, sorted by L0: no other point has an L0 at
     most as large and a metric at least as good, with one of the two strictly better.
     Points with a missing L0 or value are never on the front."""
     l0 = np.asarray(l0, dtype=np.float64)
-    bad = badness(metric, values)
+    bad = badness(metric, values, directions)
     ok = np.flatnonzero(np.isfinite(l0) & np.isfinite(bad))
     front = []
     for i in ok:
@@ -134,7 +136,7 @@ def pareto_figure(board: Leaderboard, metric: str, ylabel: str, ref: float | Non
         ok = np.isfinite(l0) & (l0 > 0) & np.isfinite(vals)
         if not ok.any():
             continue
-        front = pareto_front(l0, vals, metric)
+        front = pareto_front(l0, vals, metric, board.directions)
         ax.scatter(l0[ok], vals[ok], color=colours[m], alpha=0.35, s=36, zorder=2)
         ax.plot(
             l0[front],
@@ -149,6 +151,9 @@ def pareto_figure(board: Leaderboard, metric: str, ylabel: str, ref: float | Non
         drawn += 1
     if ref is not None:
         ax.axhline(ref, color="#888888", linestyle=":", linewidth=1, zorder=1)
+    from dictbench.plots_seeds import draw_seed_intervals
+
+    draw_seed_intervals(ax, saes, metric, colours)  # seed means with 95% intervals, if any
     _log_l0_axis(ax)
     ax.set_xlabel(L0_LABEL)
     ax.set_ylabel(ylabel)

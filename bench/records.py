@@ -1,4 +1,8 @@
-"""Result records: one JSON file per (SAE, task), the contract later tools read."""
+"""Result records: one JSON file per (SAE, task), the contract later tools read.
+
+A record carries ``metric_meta``: the task's declaration (``Task.metrics``) of each metric
+it holds, so the leaderboard and ``dictbench check`` read directions and tolerances from
+the record itself, whichever code wrote it."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dictbench import __version__, atomic
+from dictbench.metric_facts import declared
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -31,11 +36,13 @@ def write_record(
     context: dict[str, Any],
     wall_seconds: float | None = None,
 ) -> Path:
+    clean = _clean(metrics)
     record = {
         "sae_id": sae_id,
         "baseline": baseline,
         "task": task,
-        "metrics": _clean(metrics),
+        "metrics": clean,
+        "metric_meta": declared(task, clean),
         "details": details,
         "eval_tokens": int(eval_tokens),
         "context": context,

@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dictbench import __version__, atomic, checkpoint, distributed, faults, registry, resume
+from dictbench import __version__, atomic, distributed, faults, registry, resume
 from dictbench.cache import ActivationStore, default_cache_root, prepare, run_harvest
-from dictbench.checkpoint import CheckpointPlan
 from dictbench.errors import UserError
 from dictbench.leaderboard import table
 from dictbench.lock import RunLock
 from dictbench.records import write_record
-from dictbench.sae_io import WEIGHTS, class_ref, load_sae, save_sae
+from dictbench.resources import cache_bytes, require_disk
+from dictbench.run_training import (
+    RunFolder,
+    TrainingData,
+    choose_source,
+    group_key,
+    record_failure,
+    save_trained,
+    train_planned,
+)
+from dictbench.sae_io import WEIGHTS, load_sae
 from dictbench.spec import BaselineEntry, RunSpec
 from dictbench.subject import SubjectModel
 from dictbench.synthetic import make_stores, one_thread
 from dictbench.tasks.base import TaskEnv, TaskSkipped, TokenTask
-from dictbench.trainer import TrainingFailed, train
+from dictbench.trainer import TrainingFailed
 
 
 def log(msg: str) -> None:
@@ -41,6 +50,8 @@ class PlannedSAE:
     method: str
     cls: type
     params: dict[str, Any]
+    # The SAE's own seed (init and token order); the data split stays from spec.seed.
+    seed: int = 0
 
 
 def _fmt(v: Any) -> str:
@@ -53,7 +64,7 @@ def plan_saes(spec: RunSpec) -> list[PlannedSAE]:
     for entry in spec.baselines:
         cls = registry.get_baseline(entry.method)
         base_id = entry.id or getattr(cls, "name", "") or cls.__name__.lower()
-        planned.extend(_expand(entry, cls, base_id))
+        planned.extend(_expand(entry, cls, base_id, spec))
     ids = [p.sae_id for p in planned]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -61,14 +72,21 @@ def plan_saes(spec: RunSpec) -> list[PlannedSAE]:
     return planned
 
 
-def _expand(entry: BaselineEntry, cls: type, base_id: str) -> list[PlannedSAE]:
+def _expand(entry: BaselineEntry, cls: type, base_id: str, spec: RunSpec) -> list[PlannedSAE]:
+    """One SAE per sweep value and, with ``spec.seeds``, per seed (id suffix ``@seed<N>``).
+    Without ``seeds`` the ids carry no suffix, so earlier runs' ids stay valid."""
     combos: list[dict[str, Any]] = [{}]
     for knob, values in entry.sweep.items():
         combos = [{**c, knob: v} for c in combos for v in values]
+    seeds: list[int | None] = list(spec.seeds) if spec.seeds else [None]
     out = []
     for combo in combos:
         suffix = "".join(f"-{k}={_fmt(v)}" for k, v in combo.items())
-        out.append(PlannedSAE(base_id + suffix, entry.method, cls, {**entry.params, **combo}))
+        params = {**entry.params, **combo}
+        for seed in seeds:
+            sid = base_id + suffix + ("" if seed is None else f"@seed{seed}")
+            own = spec.seed if seed is None else seed
+            out.append(PlannedSAE(sid, entry.method, cls, dict(params), own))
     return out
 
 
@@ -174,6 +192,11 @@ def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = Non
     )
     out = Path(spec.out or default_out)
     shard_info = None if shard is None else {"index": shard[0], "count": shard[1]}
+    if distributed.is_main():  # every check that needs no weights, before loading them
+        from dictbench.preflight import check_before_model_load
+
+        groups = Counter(group_key(p, spec) for p in planned)  # SAEs in memory at once
+        check_before_model_load(spec, out, max(groups.values()))
     if spec.synthetic is not None:
         return _run_synthetic(spec, resume, out, planned, timings, t_start, shard_info)
 
@@ -196,6 +219,7 @@ def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = Non
         spec.seed,
         cache_root,
         log=log,
+        dtype=spec.budget.cache_dtype,
     )
     pending_eval = prepare(
         subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, cache_root, log=log
@@ -315,24 +339,20 @@ def _run_locked(
     if main:
         atomic.write_json(out / "run.json", run_info)
 
-    t = time.perf_counter()
-    if main:  # rank 0 harvests (the cache entry appears complete or not at all) ...
-        train_store = run_harvest(subject, spec.hook, pending_train, log=log)
-        timings["harvest_train_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        eval_store = run_harvest(subject, spec.hook, pending_eval, log=log)
-        timings["harvest_eval_s"] = time.perf_counter() - t
-    distributed.barrier()  # ... while the others wait, then open the same entries
-    if not main:
-        train_store = _open_harvested(pending_train)
-        eval_store = _open_harvested(pending_eval)
+    data, eval_store = _training_data(spec, subject, pending_train, pending_eval, timings)
     run_info["caches"] = {
-        "train": {"path": str(train_store.path), "reused": train_store.reused},
+        "train": None
+        if data.store is None
+        else {"path": str(data.store.path), "reused": data.store.reused},
         "eval": {"path": str(eval_store.path), "reused": eval_store.reused},
     }
-
-    env = build_env(spec, subject, train_store.mean, eval_store)
+    run_info["training_source"] = "stream" if data.streamed else "cache"
+    train_mean, mean_tokens = data.mean(spec)
+    env = build_env(spec, subject, train_mean, eval_store)
     context = record_context(spec, subject, eval_store)
+    task_context = {}
+    if mean_tokens is not None:  # streamed over several buffers: the first buffer's mean
+        task_context["downstream"] = {"mean_ablation": f"first {mean_tokens} training tokens"}
     tasks = [registry.get_task(name)() for name in spec.tasks]
     if subject is None:
         skipped = [t.name for t in tasks if getattr(t, "needs_subject", False)]
@@ -342,13 +362,8 @@ def _run_locked(
     timings["saes"] = {}
     if previous is not None:  # timings of SAEs finished before the interruption
         timings["saes"].update((previous.get("timings") or {}).get("saes") or {})
-    failed: list[str] = []
-    for p in planned:
-        ok = _train_and_score(
-            p, spec, subject, train_store, env, tasks, out, context, timings, previous is not None
-        )
-        if not ok:
-            failed.append(p.sae_id)
+    scoring = Scoring(tasks, env, out, context, timings, task_context)
+    failed = _train_and_score_all(planned, spec, data, scoring, previous is not None)
     timings["total_s"] = time.perf_counter() - t_start
     run_info.update(status="complete", failed=failed)
     if not main:
@@ -469,123 +484,113 @@ def score_sae(
     return results
 
 
-def _train_and_score(
-    p: PlannedSAE,
-    spec: RunSpec,
-    subject: SubjectModel | None,
-    train_store: Any,
-    env: TaskEnv,
-    tasks: list[Any],
-    out: Path,
-    context: dict[str, Any],
-    timings: dict[str, Any],
-    resuming: bool = False,
-) -> bool:
+@dataclass
+class Scoring:
+    """What scoring an SAE of this run needs: the tasks, their data, where records go."""
+
+    tasks: list[Any]
+    env: TaskEnv
+    out: Path
+    context: dict[str, Any]
+    timings: dict[str, Any]
+    task_context: dict[str, dict[str, Any]]
+
+
+def _training_data(
+    spec: RunSpec, subject: Any, pending_train: Any, pending_eval: Any, timings: dict[str, Any]
+) -> tuple[TrainingData, Any]:
+    """The training windows' source (a harvested cache entry, or the model to stream
+    from) and the evaluation store. Rank 0 harvests (an entry appears complete or not at
+    all) while the others wait, then opens the same entries."""
     main = distributed.is_main()
-    if resuming:
-        done = _resume_sae(p, subject, env, tasks, out, context, timings) if main else None
-        done = distributed.broadcast_object(done)  # rank 0 read the folder for everyone
-        if done is not None:
-            return done
-    distributed.barrier()  # others wait here (on the CPU) while rank 0 scores the last SAE
-    cls = p.cls
-    cfg = cls.config_class(d_in=train_store.acts.shape[-1], d_sae=spec.budget.d_sae, **p.params)
-    torch.manual_seed(spec.seed)  # same init stream for every SAE in the run
-    sae = cls(cfg)
-    lr = getattr(cfg, "lr", None) or spec.budget.lr
-    betas = (getattr(cfg, "adam_beta1", 0.9), getattr(cfg, "adam_beta2", 0.999))
-    ckpt = CheckpointPlan(
-        path=out / "checkpoints" / f"{p.sae_id}.safetensors",
-        every=spec.checkpoint_every_steps,
-        identity={
-            "sae_id": p.sae_id,
-            "baseline": class_ref(cls),
-            "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg),
-            "budget": dataclasses.asdict(spec.budget),
-            "seed": spec.seed,
-            "lr": lr,
-            "betas": list(betas),
-            "grad_clip": getattr(cfg, "grad_clip", None),
-            "train_cache": train_store.meta.get("fingerprint"),
-            "device": str(env.device),
-            "torch": torch.__version__,
-        },
-        resume=resuming,
-        log=log,
+    d_model = subject.d_model if subject is not None else pending_train.acts.shape[-1]
+    stream = not isinstance(pending_train, ActivationStore) and (
+        choose_source(spec, d_model) == "stream"
     )
-    try:
-        rec = train(
-            sae,
-            p.sae_id,
-            train_store,
-            spec.budget,
-            spec.seed,
-            lr,
-            env.device,
-            betas,
-            getattr(cfg, "grad_clip", None),
-            subject=subject,
-            hook=spec.hook,
-            ckpt=ckpt,
-        )
-    except TrainingFailed as e:
-        if not main:
-            return False
-        kept = ckpt.path if ckpt.path.exists() else None
-        log(f"training failed: {e}" + (f" (last good checkpoint: {kept})" if kept else ""))
-        details = {"error": str(e), "status": "failed", "failed_at_step": e.step}
-        details["last_checkpoint"] = str(kept) if kept else None
-        write_record(out, p.sae_id, p.method, "training", {}, details, 0, context)
-        return False
-    if not main:  # rank 0 saves and scores the SAE every rank holds
-        return True
-    if rec.input_scale != 1.0:
-        sae.fold_input_scale(rec.input_scale)
-    sae.eval()
-    training = dataclasses.asdict(rec)
-    save_sae(
-        sae,
-        out / "saes" / p.sae_id,
-        {
-            "sae_id": p.sae_id,
-            "hook": context["hook"],
-            "model": context["model"],
-            "training": training,
-        },
-    )
-    train_metrics = {
-        "wall_seconds": rec.wall_seconds,
-        "tokens": rec.tokens,
-        "flops_estimate": rec.flops_estimate,
-        **{f"final_{k}": v for k, v in rec.final_terms.items()},
-    }
-    if rec.train_frac_dead is not None:
-        train_metrics["train_frac_dead"] = rec.train_frac_dead
-    # The weights' hash lets --resume trust the saved SAE instead of retraining it.
-    weights_sha = atomic.file_sha256(out / "saes" / p.sae_id / WEIGHTS)
-    details = {**training, "weights_sha256": weights_sha}
-    write_record(out, p.sae_id, p.method, "training", train_metrics, details, rec.tokens, context)
-    checkpoint.remove(ckpt.path)  # the saved SAE and its record supersede it
-
     t = time.perf_counter()
-    score_sae(sae, p.sae_id, p.method, tasks, env, out, context)
-    timings["saes"][p.sae_id] = {"train_s": rec.wall_seconds, "eval_s": time.perf_counter() - t}
-    faults.point(f"sae_done:{p.sae_id}")
-    return True
+    train_store = None
+    if main:
+        if not stream:
+            if not isinstance(pending_train, ActivationStore):  # refuse before writing
+                n = int(pending_train.tokens.size)
+                need = cache_bytes(n, d_model, spec.budget.cache_dtype)
+                require_disk("the training activation cache", pending_train.final.parent, need)
+            train_store = run_harvest(subject, spec.hook, pending_train, log=log)
+            timings["harvest_train_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        eval_store = run_harvest(subject, spec.hook, pending_eval, log=log)
+        timings["harvest_eval_s"] = time.perf_counter() - t
+    distributed.barrier()
+    if not main:
+        train_store = None if stream else _open_harvested(pending_train)
+        eval_store = _open_harvested(pending_eval)
+    if train_store is not None:
+        fp = str(train_store.meta.get("fingerprint", ""))
+        ctx = int(train_store.acts.shape[1])
+        return TrainingData(train_store, subject, spec.hook, None, fp, ctx), eval_store
+    log(f"training activations are streamed from the model ({spec.budget.train_tokens} tokens)")
+    tokens = pending_train.tokens
+    data = TrainingData(None, subject, spec.hook, tokens, pending_train.fingerprint)
+    data.ctx_len = int(tokens.shape[1])
+    return data, eval_store
 
 
-def _resume_sae(
-    p: PlannedSAE,
-    subject: SubjectModel | None,
-    env: TaskEnv,
-    tasks: list[Any],
-    out: Path,
-    context: dict[str, Any],
-    timings: dict[str, Any],
-) -> bool | None:
+def sae_context(p: PlannedSAE, spec: RunSpec, context: dict[str, Any]) -> dict[str, Any]:
+    """The record context of one SAE: the run's, plus its own seed when the spec sweeps
+    seeds (``sae_seed``; ``seed`` stays the data split's, which every SAE shares)."""
+    return {**context, "sae_seed": p.seed} if spec.seeds else context
+
+
+def _train_and_score_all(
+    planned: list[PlannedSAE], spec: RunSpec, data: TrainingData, sc: Scoring, resuming: bool
+) -> list[str]:
+    """Finish what an interrupted run left, train the rest in lockstep groups, then save
+    and score each SAE in the spec's order. Returns the ids of SAEs that failed."""
+    main = distributed.is_main()
+    failed: list[str] = []
+    todo = []
+    for p in planned:
+        done = None
+        if resuming:
+            own = replace(sc, context=sae_context(p, spec, sc.context))
+            done = _resume_sae(p, own) if main else None
+            done = distributed.broadcast_object(done)  # rank 0 read the folder for everyone
+        if done is None:
+            todo.append(p)
+        elif not done:
+            failed.append(p.sae_id)
+    distributed.barrier()
+    devices = list(spec.devices or [sc.env.device])
+    run = RunFolder(sc.out, log, resuming)
+    results = train_planned(todo, spec, data, devices, run)
+    for p in todo:
+        member, res = results[p.sae_id]
+        if isinstance(res, TrainingFailed):
+            failed.append(p.sae_id)
+            if main:
+                record_failure(p, member, res, sc.out, sae_context(p, spec, sc.context), log)
+            continue
+        if not main:  # rank 0 saves and scores the SAE every rank holds
+            continue
+        how = "stream" if data.streamed else "cache"
+        ctx = sae_context(p, spec, sc.context)
+        sae = save_trained(p, member, res, sc.out, ctx, how)
+        sae.to(sc.env.device)
+        t = time.perf_counter()
+        score_sae(sae, p.sae_id, p.method, sc.tasks, sc.env, sc.out, ctx, sc.task_context)
+        sc.timings["saes"][p.sae_id] = {
+            "train_s": res.wall_seconds,
+            "eval_s": time.perf_counter() - t,
+        }
+        faults.point(f"sae_done:{p.sae_id}")
+    return [p.sae_id for p in planned if p.sae_id in set(failed)]
+
+
+def _resume_sae(p: PlannedSAE, sc: Scoring) -> bool | None:
     """Finish an SAE that an interrupted run trained: score only the tasks without a
     record. None when it still needs training (possibly from its checkpoint)."""
-    prog = resume.sae_progress(out, p.sae_id, context, [t.name for t in tasks], WEIGHTS)
+    out, context, env, timings = sc.out, sc.context, sc.env, sc.timings
+    prog = resume.sae_progress(out, p.sae_id, context, [t.name for t in sc.tasks], WEIGHTS)
     for note in prog.notes:
         log(f"--resume: {note}")
     if prog.failed is not None:
@@ -593,7 +598,7 @@ def _resume_sae(
         return False
     if not prog.trained:
         return None
-    todo = [t for t in tasks if t.name in prog.missing_tasks]
+    todo = [t for t in sc.tasks if t.name in prog.missing_tasks]
     if not todo:
         log(f"--resume: {p.sae_id} is complete; skipped")
         return True
@@ -601,7 +606,7 @@ def _resume_sae(
     sae, _ = load_sae(out / "saes" / p.sae_id, trust_code=True)  # our run: its spec named it
     sae.to(env.device)
     t = time.perf_counter()
-    score_sae(sae, p.sae_id, p.method, todo, env, out, context)
+    score_sae(sae, p.sae_id, p.method, todo, env, out, context, sc.task_context)
     entry = timings["saes"].setdefault(p.sae_id, {})
     entry["eval_s"] = entry.get("eval_s", 0.0) + time.perf_counter() - t
     faults.point(f"sae_done:{p.sae_id}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,6 @@ from safetensors.torch import save
 from torch import nn
 
 from dictbench import atomic
-from dictbench.baselines.init import unit_rows
 from dictbench.errors import UserError
 from dictbench.sae_io import (
     CONFIG,
@@ -46,131 +44,14 @@ from dictbench.sae_io import (
     read_config,
     sae_folder,
 )
-
-ARCHITECTURES = ("standard", "gated", "topk", "jumprelu")
-_TL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-_OUR_HOOK = re.compile(r"^resid_(pre|post)\.(\d+)$")
-
-
-# --- hook names ---------------------------------------------------------------------------
-
-
-def to_tl_hook(hook: str) -> tuple[str, int]:
-    """Our hook name as TransformerLens's (SAELens's) name and layer index."""
-    m = _OUR_HOOK.match(hook)
-    if not m:
-        raise UserError(f"hook '{hook}' has no SAELens name (expected resid_pre.L or resid_post.L)")
-    return f"blocks.{m.group(2)}.hook_resid_{m.group(1)}", int(m.group(2))
-
-
-def from_tl_hook(name: str | None) -> str | None:
-    """TransformerLens's residual-stream hook names in our spelling; None for any other."""
-    m = _TL_HOOK.match(name or "")
-    return f"resid_{m.group(2)}.{m.group(1)}" if m else None
-
-
-def stream_position(hook: str) -> int | None:
-    """Layers applied before the hook, so that resid_post.L and resid_pre.L+1 compare equal."""
-    m = _OUR_HOOK.match(hook)
-    if not m:
-        return None
-    layer = int(m.group(2))
-    return layer + 1 if m.group(1) == "post" else layer
-
-
-# --- the SAELens forward pass ---------------------------------------------------------------
-
-
-_SHAPES = {
-    "W_enc": ("d_in", "d_sae"),
-    "W_dec": ("d_sae", "d_in"),
-    "b_enc": ("d_sae",),
-    "b_dec": ("d_in",),
-    "b_gate": ("d_sae",),
-    "b_mag": ("d_sae",),
-    "r_mag": ("d_sae",),
-    "threshold": ("d_sae",),
-}
-TENSORS = {
-    "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
-    "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
-    "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
-    "gated": ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"),
-}
-
-
-class SAELensSAE(nn.Module):
-    """An SAE computing SAELens's inference forward pass (float32, dictbench's interface).
-
-    - standard: f = ReLU(x' W_enc + b_enc)
-    - topk:     f = scatter of ReLU(top-k of x' W_enc + b_enc)
-    - jumprelu: f = ReLU(pre) * 1[pre > ReLU(threshold)], pre = x' W_enc + b_enc
-    - gated:    f = 1[x' W_enc + b_gate > 0] * ReLU(x' (W_enc * exp(r_mag)) + b_mag)
-
-    with x' = x - b_dec when ``apply_b_dec_to_input``, else x; x_hat = f W_dec + b_dec.
-    JumpReLU's ReLU on the threshold is SAELens 6's; SAELens 5 compares with the raw
-    threshold, which gives the same f because a negative threshold only admits
-    pre-activations that the ReLU then zeroes. TopK's ``rescale_acts_by_decoder_norm``
-    (SAELens 6) and the SAELens 5 ``finetuning_scaling_factor`` are applied as there.
-    """
-
-    def __init__(
-        self,
-        architecture: str,
-        d_in: int,
-        d_sae: int,
-        apply_b_dec_to_input: bool = True,
-        k: int | None = None,
-        rescale_acts_by_decoder_norm: bool = False,
-    ):
-        super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise UserError(f"unknown SAELens architecture '{architecture}'")
-        if architecture == "topk" and (k is None or k < 1):
-            raise UserError("a topk SAE needs k >= 1")
-        self.architecture = architecture
-        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
-        self.k = k
-        self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
-        dims = {"d_in": d_in, "d_sae": d_sae}
-        for name in TENSORS[architecture]:
-            shape = tuple(dims[d] for d in _SHAPES[name])
-            setattr(self, name, nn.Parameter(torch.zeros(shape), requires_grad=False))
-        # SAELens 5's optional per-latent scale on f before decoding; None when unused.
-        self.register_buffer("finetuning_scaling_factor", None)
-
-    def _sae_in(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.b_dec if self.apply_b_dec_to_input else x
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._sae_in(x.float())
-        if self.architecture == "gated":
-            gate = (x @ self.W_enc + self.b_gate) > 0
-            mag = x @ (self.W_enc * self.r_mag.exp()) + self.b_mag
-            return gate.to(mag.dtype) * torch.relu(mag)
-        pre = x @ self.W_enc + self.b_enc
-        if self.architecture == "standard":
-            return torch.relu(pre)
-        if self.architecture == "jumprelu":
-            return torch.relu(pre) * (pre > torch.relu(self.threshold)).to(pre.dtype)
-        if self.rescale_acts_by_decoder_norm:
-            pre = pre * self.W_dec.norm(dim=-1)
-        vals, idx = pre.topk(min(int(self.k or 0), pre.shape[-1]), dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
-
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        if self.finetuning_scaling_factor is not None:
-            f = f * self.finetuning_scaling_factor
-        if self.architecture == "topk" and self.rescale_acts_by_decoder_norm:
-            f = f * (1 / self.W_dec.norm(dim=-1))
-        return f @ self.W_dec + self.b_dec
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
-
-    def state_for_saelens(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).detach() for name in TENSORS[self.architecture]}
-
+from dictbench.saelens_module import (  # noqa: F401 - re-exported: importers use these names
+    ARCHITECTURES,
+    TENSORS,
+    SAELensSAE,
+    from_tl_hook,
+    stream_position,
+    to_tl_hook,
+)
 
 # --- dictbench SAE -> SAELens ----------------------------------------------------------------
 
@@ -182,65 +63,68 @@ def _copy_into(target: SAELensSAE, tensors: dict[str, torch.Tensor]) -> SAELensS
     return target
 
 
-def _standard(sae: Any, centre: bool, w_dec: torch.Tensor | None = None) -> SAELensSAE:
-    d_sae, d_in = sae.W_dec.shape
-    out = SAELensSAE("standard", d_in, d_sae, apply_b_dec_to_input=centre)
-    w = sae.W_dec if w_dec is None else w_dec
-    return _copy_into(out, {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": w, "b_dec": sae.b_dec})
+_EXTRA_KEYS = {"apply_b_dec_to_input", "k", "rescale_acts_by_decoder_norm"}
 
 
-def _gated(sae: Any) -> SAELensSAE:
-    d_sae, d_in = sae.W_dec.shape
-    names = TENSORS["gated"]
-    return _copy_into(SAELensSAE("gated", d_in, d_sae), {n: getattr(sae, n) for n in names})
-
-
-def _topk(sae: Any) -> SAELensSAE:
-    d_sae, d_in = sae.W_dec.shape
-    out = SAELensSAE("topk", d_in, d_sae, k=int(sae.cfg.k))
-    return _copy_into(out, {n: getattr(sae, n) for n in TENSORS["topk"]})
-
-
-def _jumprelu(sae: Any, threshold: torch.Tensor) -> SAELensSAE:
-    d_sae, d_in = sae.W_dec.shape
-    out = SAELensSAE("jumprelu", d_in, d_sae)
-    tensors = {n: getattr(sae, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    return _copy_into(out, {**tensors, "threshold": threshold.expand(d_sae)})
-
-
-def _batchtopk(sae: Any) -> SAELensSAE:
-    # At inference BatchTopK is pre * 1[pre > t] with one threshold t >= 0 (an EMA of
-    # positive activations, 0 before training): SAELens's JumpReLU with every threshold t.
-    return _jumprelu(sae, sae.threshold.detach().reshape(1))
-
-
-# Registered baseline name -> converter. Matched on the exact registered class (see
-# ``to_saelens``), so a subclass that changes encode is refused rather than mislabelled.
-_CONVERTERS = {
-    "l1": lambda s: _standard(s, centre=True),
-    "l1_april": lambda s: _standard(s, centre=False),
-    # e2e normalises decoder rows inside decode; SAELens gets the normalised rows.
-    "e2e": lambda s: _standard(s, centre=False, w_dec=unit_rows(s.W_dec.detach())),
-    "e2e_ds": lambda s: _standard(s, centre=False, w_dec=unit_rows(s.W_dec.detach())),
-    "gated": _gated,
-    "topk": _topk,
-    "batchtopk": _batchtopk,
-    "jumprelu": lambda s: _jumprelu(s, s.log_threshold.detach().exp()),
-}
+def _exporter(cls: type) -> Any:
+    """The class's own ``saelens_export`` (declared in its body, not inherited: a subclass
+    that changes ``encode`` is refused rather than mislabelled), or None."""
+    return vars(cls).get("saelens_export")
 
 
 def exportable() -> list[str]:
-    return sorted(_CONVERTERS)
+    """Registered baselines that declare their SAELens export."""
+    from dictbench import registry
+
+    names = registry.baseline_names()
+    return sorted(n for n in names if _exporter(registry.get_baseline(n)) is not None)
+
+
+def _module_from(ref: str, declared: Any) -> SAELensSAE:
+    try:
+        architecture, tensors, extra = declared
+    except (TypeError, ValueError):
+        raise UserError(
+            f"baseline '{ref}': saelens_export must return (architecture, tensors, extra)"
+        ) from None
+    if architecture not in ARCHITECTURES:
+        raise UserError(
+            f"baseline '{ref}': saelens_export names architecture '{architecture}' "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    want = set(TENSORS[architecture])
+    if set(tensors) != want:
+        raise UserError(
+            f"baseline '{ref}': a SAELens {architecture} SAE has tensors "
+            f"{', '.join(TENSORS[architecture])}; saelens_export gave {', '.join(sorted(tensors))}"
+        )
+    unknown = sorted(set(extra) - _EXTRA_KEYS)
+    if unknown:
+        raise UserError(f"baseline '{ref}': saelens_export: unknown setting '{unknown[0]}'")
+    d_sae, d_in = tensors["W_dec"].shape
+    out = SAELensSAE(architecture, int(d_in), int(d_sae), **extra)
+    for name, value in tensors.items():
+        shape = tuple(getattr(out, name).shape)
+        if tuple(value.shape) != shape:
+            raise UserError(
+                f"baseline '{ref}': saelens_export tensor {name} has shape "
+                f"{tuple(value.shape)}, expected {shape}"
+            )
+    return _copy_into(out, tensors)
 
 
 def to_saelens(sae: nn.Module) -> SAELensSAE:
-    """The SAELens module computing exactly what ``sae`` computes, or a UserError."""
+    """The SAELens module computing exactly what ``sae`` computes, or a UserError.
+
+    The class says what it is at inference (``saelens_export``); any class may, so a
+    third-party method exports too."""
     ref = class_ref(type(sae))
-    if ref not in _CONVERTERS:
+    export_fn = _exporter(type(sae))
+    if export_fn is None:
         raise UserError(
             f"baseline '{ref}' has no SAELens equivalent; exportable: {', '.join(exportable())}"
         )
-    return _CONVERTERS[ref](sae).eval()
+    return _module_from(ref, export_fn(sae)).eval()
 
 
 def saelens_config(

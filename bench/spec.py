@@ -15,14 +15,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dictbench.corpus import CorpusSpec
 from dictbench.errors import SpecError, UserError
 from dictbench.subject import ModelSpec
 from dictbench.synthetic import SyntheticSpec
 
 DEFAULT_PRESET = "quickstart"
+SOURCES = ("auto", "cache", "stream")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+# budget.source auto: stream when the training cache would be larger than this.
+STREAM_ABOVE_BYTES = 4 << 30
 
 
 @dataclass
@@ -42,6 +44,17 @@ class BudgetSpec:
     # torch.autocast, so matmuls take bf16 inputs; weights, Adam and every evaluation
     # stay float32. None: float32 throughout.
     autocast: str | None = None
+    # Where training activations come from (bench/batch_stream.py). "cache": harvested
+    # once into a memory-mapped cache entry and reused by later runs; "stream": computed
+    # by the model as training goes, no disk; "auto": stream when the cache would exceed
+    # STREAM_ABOVE_BYTES, else cache.
+    source: str = "auto"
+    # The shuffle buffer: tokens are shuffled within blocks of this many (whole windows);
+    # memory holds one block. One block covering the split is a global shuffle.
+    buffer_tokens: int = 1 << 19
+    # Element type of the training cache (float16 / bfloat16 halve its disk); evaluation
+    # activations stay float32.
+    cache_dtype: str = "float32"
 
 
 @dataclass
@@ -78,9 +91,15 @@ class RunSpec:
     # Save each SAE's training state every this many steps (and always at the end), so
     # `dictbench run --resume` loses at most this much work; 0 saves only at the end.
     checkpoint_every_steps: int = 500
+    # Devices the run's SAEs are spread over, round robin (e.g. [cuda:0, cuda:1]); the
+    # subject model stays on model.device. None: every SAE on the model's device.
+    devices: list[str] | None = None
     # Synthetic activations with a known dictionary instead of a model and corpus
     # (model, hook and corpus are then unused); see dictbench.synthetic.
     synthetic: SyntheticSpec | None = None
+    # Train every planned SAE once per seed (its init and token order; the data split
+    # stays from ``seed``); ids get ``@seed<N>``. None: one SAE per setting, seed ``seed``.
+    seeds: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as written into run.json: an API key given in task options is
@@ -176,14 +195,27 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    from dictbench import safe_yaml  # aliases, duplicate keys and empty files refused
+
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"{origin}: not valid YAML: {str(e).splitlines()[0]}") from e
-    if data is None:
-        return {}
+        data = safe_yaml.loads(text, origin)
+    except UserError as e:
+        raise SpecError(str(e)) from None
     if not isinstance(data, dict):
         raise SpecError(f"{origin}: the spec must be a YAML mapping")
+    return data
+
+
+def _read_yaml_file(path: Path) -> dict[str, Any]:
+    """A spec file: unreadable, non-UTF-8, empty or hostile files are one-line SpecErrors."""
+    from dictbench import safe_yaml
+
+    try:
+        data = safe_yaml.load_path(path)
+    except UserError as e:
+        raise SpecError(str(e)) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the spec must be a YAML mapping")
     return data
 
 
@@ -209,10 +241,12 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise SpecError(f"--set {assignment}: expected key=value")
     key, raw = assignment.split("=", 1)
+    from dictbench import safe_yaml
+
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise SpecError(f"--set {key}: value is not valid YAML") from e
+        value = safe_yaml.loads(raw, f"--set {key}", allow_empty=True)
+    except UserError as e:
+        raise SpecError(f"--set {key}: value is not valid YAML ({e})") from None
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -236,21 +270,32 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise SpecError(f"--set {key}: '{'.'.join(parts[:-1])}' is not a mapping")
 
 
+def replace_baselines(data: dict[str, Any], refs: list[str] | None) -> None:
+    """``--baseline REF`` (repeatable): these methods replace the spec's baselines. Done
+    before ``--set`` is applied, so ``--set baselines.0.params.k=3`` edits them."""
+    if refs:
+        data["baselines"] = [{"method": ref} for ref in refs]
+
+
 def resolve(
-    spec_path: str | None = None, preset: str | None = None, overrides: list[str] | None = None
+    spec_path: str | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    baselines: list[str] | None = None,
 ) -> RunSpec:
     data: dict[str, Any] = {}
     if spec_path is not None:
         path = Path(spec_path)
         if not path.is_file():
             raise SpecError(f"spec: no such file '{spec_path}'")
-        data = _read_yaml(path.read_text(), str(path))
+        data = _read_yaml_file(path)
     base_name = preset or data.get("preset") or (None if spec_path else DEFAULT_PRESET)
     if base_name is not None:
         if not isinstance(base_name, str):
             raise SpecError("spec.preset: expected a preset name")
         data = _merge(load_preset_dict(base_name), data)
         data["preset"] = base_name
+    replace_baselines(data, baselines)
     for ov in overrides or []:
         apply_override(data, ov)
     spec = build(RunSpec, data)
@@ -290,6 +335,14 @@ def validate(spec: RunSpec) -> None:
             f"budget.autocast: must be bfloat16 or null, got {b.autocast!r} (float16 would "
             "need loss scaling, which dictbench does not do)"
         )
+    if b.source not in SOURCES:
+        raise SpecError(f"budget.source: must be one of {', '.join(SOURCES)}, got {b.source!r}")
+    if b.buffer_tokens <= 0:
+        raise SpecError(f"budget.buffer_tokens: must be positive, got {b.buffer_tokens}")
+    if b.cache_dtype not in CACHE_DTYPES:
+        raise SpecError(
+            f"budget.cache_dtype: must be one of {', '.join(CACHE_DTYPES)}, got {b.cache_dtype!r}"
+        )
     if not 0 < c.eval_fraction < 1:
         raise SpecError(f"corpus.eval_fraction: must be in (0, 1), got {c.eval_fraction}")
     if c.ctx_len < 3:
@@ -308,6 +361,9 @@ def validate(spec: RunSpec) -> None:
             cls = registry.get_baseline(entry.method)
         except UserError as err:
             raise SpecError(f"{where}.method: {err}") from err
+        lacking = registry.missing_for_budget(cls, spec.budget.normalize_activations)
+        if lacking:
+            raise SpecError(f"{where}.method: baseline '{entry.method}' {lacking}")
         known = set(getattr(cls.config_class, "__dataclass_fields__", {}))
         keys = [("params", k) for k in entry.params] + [("sweep", k) for k in entry.sweep]
         for section, key in keys:
@@ -338,6 +394,10 @@ def validate(spec: RunSpec) -> None:
                 raise SpecError(
                     f"tasks[{i}]: {task} needs a known dictionary; add a synthetic: section"
                 )
+    if spec.seeds is not None and (
+        not spec.seeds or len(set(spec.seeds)) != len(spec.seeds) or min(spec.seeds) < 0
+    ):
+        raise SpecError(f"seeds: expected distinct non-negative integers, got {spec.seeds}")
     if spec.checkpoint_every_steps < 0:
         raise SpecError(
             f"checkpoint_every_steps: must be 0 (only at the end) or positive, "

@@ -29,7 +29,12 @@ from dictbench.errors import SpecError
 from dictbench.judge import Judge, JudgeSettings
 from dictbench.registry import register_task
 from dictbench.tasks import autointerp_prompts as prompts
-from dictbench.tasks.autointerp_config import AutointerpOptions, judge_settings, parse_options
+from dictbench.tasks.autointerp_config import (
+    AUTOINTERP_METRICS,
+    AutointerpOptions,
+    judge_settings,
+    parse_options,
+)
 from dictbench.tasks.autointerp_examples import (
     WindowScanner,
     latent_rng,
@@ -231,6 +236,8 @@ def summarize(results: list[dict], scorers: list[str]) -> dict[str, float]:
 class Autointerp(Task):
     name = "autointerp"
     needs_subject = True
+    report_order = 70
+    metrics = AUTOINTERP_METRICS
 
     @staticmethod
     def validate_options(raw: dict[str, Any]) -> None:

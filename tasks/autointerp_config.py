@@ -16,9 +16,31 @@ from typing import Any
 from dictbench.cache import default_cache_root
 from dictbench.errors import SpecError
 from dictbench.judge import JudgeSettings
+from dictbench.metric_meta import Metric
 from dictbench.tasks.base import TaskSkipped
 
 SCORERS = ("detection", "fuzzing")
+
+
+def _scorer_metrics(s: str) -> tuple[Metric, ...]:
+    # A mean over ~100 latents of a judge model's sampled answers moves by a few
+    # hundredths between judges or prompt caches; a latent or two more or less scored is
+    # the judge's flakiness, not the SAE's; the spread over latents is reported, not gated.
+    return (
+        Metric(f"{s}_balanced_accuracy", "higher", abs_tol=0.05, headline=s == "detection"),
+        Metric(f"{s}_accuracy", "higher", abs_tol=0.05),
+        Metric(f"{s}_n_scored", "higher", abs_tol=2.0),
+        Metric(f"{s}_n_failed", "lower", abs_tol=2.0),
+        Metric(f"{s}_balanced_accuracy_std", "equal", gate=False),
+        Metric(f"{s}_accuracy_std", "equal", gate=False),
+    )
+
+
+# What the autointerp task writes (``Autointerp.metrics``).
+AUTOINTERP_METRICS: tuple[Metric, ...] = (
+    *(m for s in SCORERS for m in _scorer_metrics(s)),
+    Metric("autointerp_n_latents", "equal"),
+)
 WHERE = "task_options.autointerp"
 
 
@@ -34,6 +56,7 @@ class AutointerpOptions:
     timeout: float = 60.0
     retries: int = 5
     backoff: float = 1.0
+    breaker_after: int = 5  # connection failures in a row before the judge is given up on
     cache_dir: str | None = None
     # example windows (METRICS.md; defaults follow SAEBench's 10 + 5 explain, 4 + 10 detect)
     window_tokens: int = 21
@@ -68,6 +91,7 @@ _AT_LEAST = {
     "n_latents": 1,
     "concurrency": 1,
     "retries": 0,
+    "breaker_after": 0,
     "window_tokens": 1,
     "n_explain_top": 1,
     "n_explain_quantiles": 0,
@@ -133,5 +157,6 @@ def judge_settings(opts: AutointerpOptions) -> JudgeSettings:
         timeout_s=opts.timeout,
         max_retries=opts.retries,
         backoff_s=opts.backoff,
+        breaker_after=opts.breaker_after,
         cache_dir=cache,
     )

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from dictbench.metric_meta import Metric
+
 
 @dataclass
 class TaskResult:
@@ -88,8 +90,16 @@ class TaskSkipped(Exception):
 
 
 class Task:
+    """One scoring task. ``metrics`` declares every metric the task writes (direction,
+    check tolerance, headline column): the records carry these declarations, so the
+    leaderboard and ``dictbench check`` treat a new task's numbers right without a core
+    edit. ``report_order`` places the task's headline columns among the others' (lower
+    comes first; the built-in tasks use 10-80, training 1000)."""
+
     name: ClassVar[str] = ""
     needs_subject: ClassVar[bool] = False
+    metrics: ClassVar[tuple[Metric, ...]] = ()
+    report_order: ClassVar[int] = 100
 
     def run(self, sae: torch.nn.Module, env: TaskEnv) -> TaskResult:
         raise NotImplementedError

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
 from dictbench.tasks.base import TaskEnv, TaskResult, TokenAccumulator, TokenTask
 
@@ -69,6 +70,13 @@ class DeadLatentsAccumulator(TokenAccumulator):
 @register_task
 class DeadLatents(TokenTask):
     name = "dead_latents"
+    report_order = 50
+    metrics = (
+        Metric("frac_dead", "lower", abs_tol=0.01, headline=True),
+        Metric("frac_alive", "higher", abs_tol=0.01),
+        Metric("frac_dense", "lower", abs_tol=0.01),
+        Metric("window_tokens", "equal"),
+    )
 
     def accumulator(self, sae: torch.nn.Module, env: TaskEnv) -> TokenAccumulator:
         return DeadLatentsAccumulator(self.max_tokens(env))

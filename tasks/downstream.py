@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
 from dictbench.tasks.base import Task, TaskEnv, TaskResult
 
@@ -72,6 +73,19 @@ def ablation_losses(env: TaskEnv, n_seq: int, seqs_per_batch: int) -> tuple[floa
 class Downstream(Task):
     name = "downstream"
     needs_subject = True
+    report_order = 30
+    # The clean, zero- and mean-ablated losses are properties of the model and the window,
+    # not of the SAE: no direction is better, any change matters.
+    metrics = (
+        Metric("ce_clean", "equal", abs_tol=1e-3),
+        Metric("ce_zero", "equal", abs_tol=1e-3),
+        Metric("ce_mean", "equal", abs_tol=1e-3),
+        Metric("ce_sae", "lower", abs_tol=0.02, rel_tol=0.005),
+        Metric("ce_loss_recovered", "higher", abs_tol=0.005, headline=True),
+        Metric("ce_loss_recovered_mean_ablation", "higher", abs_tol=0.01),
+        Metric("delta_ce", "lower", abs_tol=0.02, rel_tol=0.02, headline=True),
+        Metric("kl", "lower", abs_tol=0.02, rel_tol=0.02, headline=True),
+    )
 
     @torch.no_grad()
     def run(self, sae: torch.nn.Module, env: TaskEnv) -> TaskResult:

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 
 from dictbench.errors import SpecError
+from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
+from dictbench.tasks import synth_metrics
 from dictbench.tasks.base import Task, TaskEnv, TaskResult, TaskSkipped
 
 DEFAULT_COS_THRESHOLD = 0.9
@@ -79,6 +81,25 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 class FeatureRecovery(Task):
     name = "feature_recovery"
     needs_ground_truth = True
+    report_order = 60
+    # The fraction moves in steps of 1/n_features (1/128 in the preset), and a
+    # rounding-level change to the data has moved it by 3 features: hence 0.03.
+    metrics = (
+        Metric("frac_recovered", "higher", abs_tol=0.03, headline=True),
+        Metric("mmcs_true_to_learned", "higher", abs_tol=0.02, headline=True),
+        Metric("mmcs_learned_to_true", "higher", abs_tol=0.02),
+        Metric("coef_corr", "higher", abs_tol=0.02, headline=True),
+        Metric("coef_corr_recovered", "higher", abs_tol=0.02),
+        Metric("coef_shrinkage", "target1", abs_tol=0.02),
+        Metric("detection_recall", "higher", abs_tol=0.02),
+        Metric("detection_precision", "higher", abs_tol=0.02),
+        # SynthSAEBench's definitions (tasks/synth_metrics.py), comparable with its tables.
+        Metric("mcc", "higher", abs_tol=0.02, doc="SynthSAEBench MCC: matched mean |cos|"),
+        Metric("uniqueness", "higher", abs_tol=0.02, doc="distinct best true features / latents"),
+        Metric("latent_precision", "higher", abs_tol=0.02, doc="SynthSAEBench latent precision"),
+        Metric("latent_recall", "higher", abs_tol=0.02, doc="SynthSAEBench per-latent recall"),
+        Metric("latent_f1", "higher", abs_tol=0.02, doc="SynthSAEBench per-latent F1"),
+    )
 
     @staticmethod
     def validate_options(raw: dict[str, Any]) -> None:
@@ -111,6 +132,8 @@ class FeatureRecovery(Task):
         w = sae.W_dec.detach().double().cpu()
         feats = torch.from_numpy(np.asarray(truth.features, dtype=np.float64))
         proj = (w[match] * feats).sum(-1)
+        abs_cos = synth_metrics.abs_cosines(feats, sae.W_dec)
+        detection = synth_metrics.LatentDetection(synth_metrics.best_features(abs_cos))
 
         # Per-feature float64 running sums over the eval tokens.
         sa, sc, saa, scc, sac, shrink_num, shrink_den, true_pos, fired_true, fired_latent = (
@@ -124,7 +147,9 @@ class FeatureRecovery(Task):
             if n + b > coefs.n_tokens:
                 raise ValueError("feature_recovery: more eval tokens than true coefficients")
             c = torch.from_numpy(coefs.dense(n, n + b)).double()
-            a = sae.encode(x).detach()[:, match.to(x.device)].double().cpu()
+            f = sae.encode(x).detach()
+            detection.add(f, c)
+            a = f[:, match.to(x.device)].double().cpu()
             xd = x.double().cpu()
             n += b
             sa += a.sum(0)
@@ -159,6 +184,9 @@ class FeatureRecovery(Task):
             "coef_shrinkage": shrinkage,
             "detection_recall": _mean(recall, recovered & (fired_true > 0)),
             "detection_precision": _mean(precision, recovered & (fired_latent > 0)),
+            "mcc": synth_metrics.mcc(abs_cos),
+            "uniqueness": synth_metrics.uniqueness(abs_cos),
+            **{f"latent_{k}": v for k, v in detection.scores().items()},
         }
         assert x_sum is not None and x_sq is not None
         total_var = float((x_sq - x_sum.pow(2) / n).clamp_min(0).sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
 from dictbench.tasks.base import TaskEnv, TaskResult, TokenAccumulator, TokenTask
 
@@ -63,6 +64,13 @@ class ReconstructionAccumulator(TokenAccumulator):
 @register_task
 class Reconstruction(TokenTask):
     name = "reconstruction"
+    report_order = 20
+    metrics = (
+        Metric("mse", "lower", rel_tol=0.02),
+        Metric("fvu", "lower", abs_tol=0.005),
+        Metric("explained_variance", "higher", abs_tol=0.005, headline=True),
+        Metric("cossim", "higher", abs_tol=0.005, headline=True),
+    )
 
     def accumulator(self, sae: torch.nn.Module, env: TaskEnv) -> TokenAccumulator:
         return ReconstructionAccumulator()

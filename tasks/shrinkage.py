@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
 from dictbench.tasks.base import TaskEnv, TaskResult, TokenAccumulator, TokenTask
 
@@ -42,6 +43,12 @@ class ShrinkageAccumulator(TokenAccumulator):
 @register_task
 class Shrinkage(TokenTask):
     name = "shrinkage"
+    report_order = 40
+    # 1 means neither shrinkage nor inflation.
+    metrics = (
+        Metric("relative_reconstruction_bias", "target1", abs_tol=0.005, headline=True),
+        Metric("l2_ratio", "target1", abs_tol=0.005),
+    )
 
     def accumulator(self, sae: torch.nn.Module, env: TaskEnv) -> TokenAccumulator:
         return ShrinkageAccumulator()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
 from dictbench.tasks.base import TaskEnv, TaskResult, TokenAccumulator, TokenTask
 
@@ -32,6 +33,12 @@ class SparsityAccumulator(TokenAccumulator):
 @register_task
 class Sparsity(TokenTask):
     name = "sparsity"
+    report_order = 10
+    # Sparsity counts as lower-is-better: at equal fidelity a sparser code is the better one.
+    metrics = (
+        Metric("l0", "lower", abs_tol=0.5, rel_tol=0.02, headline=True),
+        Metric("l1", "lower", rel_tol=0.02),
+    )
 
     def accumulator(self, sae: torch.nn.Module, env: TaskEnv) -> TokenAccumulator:
         return SparsityAccumulator()

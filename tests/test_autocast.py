@@ -17,12 +17,13 @@ from dictbench.baselines import dense_ops, gated, sparse_ops
 from dictbench.errors import SpecError
 from dictbench.spec import BudgetSpec
 from dictbench.trainer import autocast, train
+from tests.method_names import local_methods
 from tests.test_trainer import make_store
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 D_IN, D_SAE, B = 16, 64, 96
-LOCAL = ["l1", "l1_april", "gated", "topk", "batchtopk", "jumprelu"]
+LOCAL = local_methods()  # every registered method that trains on activations alone
 
 
 def build(method: str, sparse_bias: float = 0.0):

@@ -315,3 +315,20 @@ def test_autointerp_bookkeeping_has_directions_not_the_unknown_default():
     assert check.judge(100.0, 99.0, tol["autointerp_n_latents"]) == "CHANGED"
     assert tol["detection_balanced_accuracy_std"].ignore
     assert tol["fuzzing_accuracy_std"].ignore
+
+
+def test_flops_estimate_is_checked_exactly():
+    """A closed form of the shapes times the token count: any change is a different run."""
+    tol = check.DEFAULT_TOLERANCES["flops_estimate"]
+    assert tol.allowed(1.96e11) == 0.0
+    assert check.judge(1.96e11, 1.96e11, tol) == "ok"
+    assert check.judge(1.96e11, 1.96e11 + 1.0, tol) == "CHANGED"
+
+
+def test_every_declared_metric_has_a_direction_and_a_tolerance():
+    """The leaderboard's directions and the check's tolerances come from one declaration."""
+    from dictbench import leaderboard
+
+    tol = check.DEFAULT_TOLERANCES
+    assert set(tol) == set(leaderboard.DIRECTIONS)
+    assert all(tol[m].direction == d for m, d in leaderboard.DIRECTIONS.items())

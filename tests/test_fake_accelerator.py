@@ -26,10 +26,11 @@ from dictbench.tasks.dead_latents import DeadLatentsAccumulator
 from dictbench.tasks.reconstruction import ReconstructionAccumulator
 from dictbench.tasks.shrinkage import ShrinkageAccumulator
 from dictbench.tasks.sparsity import SparsityAccumulator
+from tests.method_names import downstream_methods, local_methods
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-LOCAL = ["l1", "l1_april", "gated", "topk", "batchtopk", "jumprelu"]
+LOCAL = local_methods()  # every registered method that trains on activations alone
 D, D_SAE, CTX, N_WINDOWS = 8, 32, 9, 40
 
 
@@ -110,12 +111,12 @@ def _step(sae: torch.nn.Module, device: str) -> tuple[float, dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
-@pytest.mark.parametrize("method", [*LOCAL, "e2e", "e2e_ds"])
+@pytest.mark.parametrize("method", [*LOCAL, *downstream_methods()])
 def test_a_training_step_on_the_device_equals_the_cpu_step(method, path):
     sae = build(method).train()
     sample = torch.randn(256, D, generator=torch.Generator().manual_seed(2))
     sae.on_train_start(100, sample)
-    if method in ("topk", "batchtopk"):
+    if hasattr(sae, "tokens_since_fired"):  # AuxK-style methods
         sae.tokens_since_fired[: D_SAE // 2] = 10**6  # half dead: AuxK runs too
     if path == "sparse":  # few latents fire: the L1-family and Gated sparse kernels
         with torch.no_grad():

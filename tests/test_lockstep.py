@@ -233,3 +233,30 @@ def test_cache_dtype_is_part_of_the_fingerprint_and_float32_keeps_the_old_one(
     widened = to_float32(np.asarray(s16.acts), s16.meta)
     ref = torch.from_numpy(np.array(s32.acts)).to(torch.bfloat16).float().numpy()
     assert np.array_equal(widened, ref)
+
+
+@pytest.mark.parametrize("source", ["cache", "stream"])
+def test_a_run_trains_from_the_source_it_is_given(tiny_spec_data, tmp_path, source):
+    import json
+
+    import yaml
+
+    from dictbench import runner
+    from dictbench import spec as specmod
+
+    data = tiny_spec_data
+    data["budget"].update(source=source, cache_dtype="bfloat16")
+    data["out"] = str(tmp_path / "out")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = runner.run(specmod.resolve(str(path)))
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["training_source"] == source
+    train = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("train-")]
+    if source == "stream":
+        assert train == [] and run["caches"]["train"] is None
+    else:
+        (entry,) = train
+        meta = json.loads((entry / "meta.json").read_text())
+        assert meta["dtype"] == "bfloat16"
+        assert np.load(entry / "acts.npy", mmap_mode="r").dtype == np.uint16

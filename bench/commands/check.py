@@ -17,6 +17,10 @@ def _run(args: argparse.Namespace) -> int:
     table = check.load_tolerances(args.tolerances)
     table = check.apply_flags(table, args.abs_tol, args.rel_tol, args.ignore)
     df = check.compare(args.run, args.reference, table, allow_mixed=args.allow_mixed)
+    if args.noise_k is not None:
+        from dictbench import noise_check
+
+        df = noise_check.apply(df, args.reference, args.noise_k)
     if args.format == "csv":
         sys.stdout.write(df.to_csv(index=False))
     elif args.format == "json":
@@ -71,6 +75,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="relative tolerance, a fraction of the reference value (repeatable)",
     )
     p.add_argument("--ignore", action="append", metavar="METRIC", help="skip this metric")
+    p.add_argument(
+        "--noise-k",
+        type=float,
+        metavar="K",
+        help="with a reference trained with seeds: a metric fails only if its change exceeds "
+        "both its tolerance and K times the reference's seed standard deviation",
+    )
     p.add_argument(
         "--allow-mixed",
         action="store_true",

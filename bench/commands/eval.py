@@ -1,4 +1,4 @@
-"""`dictbench eval`: score one saved SAE (dictbench's or SAELens's) with dictbench's tasks."""
+"""`dictbench eval`: score saved SAEs, from dictbench or elsewhere, with dictbench's tasks."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def _tasks(value: str) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     from dictbench import evaluate
 
-    evaluate.evaluate(
-        args.path,
+    evaluate.evaluate_many(
+        args.paths,
         spec_path=args.spec,
         preset=args.preset,
         overrides=list(args.set or []),
@@ -27,6 +27,7 @@ def _run(args: argparse.Namespace) -> int:
         sae_id=args.sae_id,
         mean_tokens=args.mean_tokens,
         trust_code=args.trust_code,
+        match=args.match,
     )
     return 0
 
@@ -34,13 +35,24 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="score a saved SAE (dictbench or SAELens folder) with dictbench's tasks",
-        description="Score one SAE folder holding sae_weights.safetensors and cfg.json, saved "
-        "by dictbench (runs/<run>/saes/<id>) or by SAELens (standard, gated, topk, jumprelu). "
-        "The spec defaults to the one recorded with the SAE, else the quickstart preset at "
-        "the SAE's hook. Pickle/.pt files are refused: unpickling can run code.",
+        help="score saved SAEs (dictbench, SAELens, sparsify, dictionary_learning, Gemma "
+        "Scope; local or on the hub) with dictbench's tasks",
+        description="Score one or many SAEs into one run folder. Each PATH is an SAE folder "
+        "saved by dictbench, SAELens (standard, gated, topk, jumprelu), sparsify (cfg.json + "
+        "sae.safetensors), dictionary_learning (ae.pt + config.json, read with "
+        "torch.load(weights_only=True)) or Gemma Scope (params.npz); a glob; a folder of SAE "
+        "folders; saelens:RELEASE/SAE_ID or saelens:RELEASE (every SAE, see --match); or "
+        "hf://OWNER/REPO/PATH. SAEs at the same model and hook share one set of evaluation "
+        "activations and ablated passes. The spec defaults to the one recorded with the SAE, "
+        "else the quickstart preset at the SAE's hook (on a release's model). Other "
+        "pickles are refused: unpickling can run code.",
     )
-    p.add_argument("path", metavar="PATH", help="the SAE folder")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SAE folders, globs or hub names")
+    p.add_argument(
+        "--match",
+        metavar="REGEX",
+        help="with saelens:RELEASE, score only the SAEs whose id matches this expression",
+    )
     p.add_argument(
         "--tasks",
         type=_tasks,

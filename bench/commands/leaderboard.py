@@ -36,6 +36,11 @@ def _run(args: argparse.Namespace) -> int:
     from dictbench.errors import UserError
 
     runs = leaderboard.load_runs(args.runs)
+    if args.html:
+        from dictbench import html_page
+
+        written = html_page.write_page(runs, args.html, args.metric, args.l0, args.allow_mixed)
+        print(f"wrote {written}", file=sys.stderr)
     groups = [[r] for r in runs] if args.per_run else [runs]
     if args.plots:
         from dictbench import plots  # matplotlib is slow to import; only when asked
@@ -89,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dictbench.leaderboard import DEFAULT_MATCHED_METRICS, DEFAULT_TARGET_L0, FORMATS
+    from dictbench.leaderboard_defaults import DEFAULT_MATCHED_METRICS, DEFAULT_TARGET_L0, FORMATS
 
     p = subparsers.add_parser(
         "leaderboard",
@@ -134,6 +139,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="one leaderboard per run folder (plots in DIR/<run>/) instead of one over all",
     )
     p.add_argument("--output", metavar="FILE", help="write here (atomically) instead of stdout")
+    p.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="also write one self-contained static page (no network): sortable table, "
+        "matched-L0 tables, interactive Pareto plot, per-SAE panels",
+    )
     p.add_argument(
         "--allow-mixed",
         action="store_true",

@@ -14,8 +14,9 @@ from bench_helpers import BATCH, D_IN, D_SAE, train_step
 
 from dictbench import registry
 from dictbench.trainer import make_optimizer
+from tests.method_names import downstream_methods, local_methods
 
-LOCAL = ["l1", "l1_april", "gated", "topk", "batchtopk", "jumprelu"]
+LOCAL = local_methods()  # every registered method that trains on activations alone
 
 
 def make_sae(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
@@ -46,7 +47,7 @@ def test_sae_train_step(benchmark, name):
 
 
 @pytest.mark.smollm2
-@pytest.mark.parametrize("name", ["e2e", "e2e_ds"])
+@pytest.mark.parametrize("name", downstream_methods())
 def test_e2e_train_step(benchmark, smollm2, name):
     """e2e steps run the 23 layers after resid_post.6 twice (clean, and spliced with
     activation gradients), so they use 2 windows of 128 tokens instead of 4096 tokens."""

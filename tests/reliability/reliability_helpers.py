@@ -4,7 +4,7 @@ Each run is ``dictbench.cli.main(argv)`` in its own OS process, forked from a fo
 server (cli_forkserver.py) that has already imported torch, transformers and
 dictbench: a real `dictbench run` (the console script's entry point, its own memory,
 killed by the kernel with SIGKILL) without paying ~5 s of imports per process here.
-The crash point comes from ``DICTBENCH_TEST_KILL_AT`` (see dictbench/faults.py).
+The crash point comes from ``DICTBENCH_TEST_KILL_AT`` (see bench/faults.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checkpoints (dictbench/checkpoint.py) and resumed training in one process.
+"""Checkpoints (bench/checkpoint.py) and resumed training in one process.
 
 Training is interrupted by making the test-only crash point raise instead of kill,
 then continued by a fresh SAE built the way the runner builds one. The result must
@@ -25,12 +25,12 @@ from dictbench.cache import harvest
 from dictbench.checkpoint import CheckpointError, CheckpointPlan, TrainState, load, read, save
 from dictbench.corpus import CorpusSpec
 from dictbench.spec import BudgetSpec
+from tests.method_names import local_methods, short_run_params
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 BUDGET = BudgetSpec(train_tokens=64 * 20, batch_size=64, d_sae=128, lr=3e-3)  # 20 steps
-LOCAL_METHODS = ["l1", "l1_april", "gated", "topk", "batchtopk", "jumprelu"]
-PARAMS = {"topk": {"k": 4, "dead_tokens_threshold": 256}, "batchtopk": {"k": 4}}
+LOCAL_METHODS = local_methods()  # every registered method that trains on activations alone
 
 
 class Interrupt(Exception):
@@ -40,7 +40,8 @@ class Interrupt(Exception):
 def build(method: str, d_in: int = D, d_sae: int = 128, seed: int = 0):
     cls = registry.get_baseline(method)
     torch.manual_seed(seed)
-    return cls(cls.config_class(d_in=d_in, d_sae=d_sae, **PARAMS.get(method, {})))
+    params = short_run_params(method, k=4, dead_tokens_threshold=256)
+    return cls(cls.config_class(d_in=d_in, d_sae=d_sae, **params))
 
 
 def interrupt_at(monkeypatch, sae_id: str, step: int) -> None:

@@ -2,7 +2,7 @@
 results of a run that was never interrupted.
 
 One run folder goes through a chain of attempts, each killed (by the test-only crash
-point DICTBENCH_TEST_KILL_AT, see dictbench/faults.py) somewhere else: mid-harvest,
+point DICTBENCH_TEST_KILL_AT, see bench/faults.py) somewhere else: mid-harvest,
 mid-training, between SAEs, inside an atomic write, and between task records. The
 last attempt finishes. Weights must be byte-identical and every metric equal to an
 uninterrupted run of the same spec; work finished before a kill must not be redone.

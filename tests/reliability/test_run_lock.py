@@ -1,4 +1,4 @@
-"""One writer per run folder (dictbench/lock.py), with holders that are real processes."""
+"""One writer per run folder (bench/lock.py), with holders that are real processes."""
 
 from __future__ import annotations
 

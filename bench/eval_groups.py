@@ -1,0 +1,159 @@
+"""`dictbench eval`'s scoring of one group of SAEs: those that resolve to one spec.
+
+A group shares the subject model (loaded once per call, across groups), one set of
+evaluation activations, one mean-ablation store and one task environment, so the
+SAE-independent downstream passes run once per group (``env.shared``) and, through
+``dictbench.eval_shared``, once per cache fingerprint across calls. ``prepare`` does
+every check before anything is written; ``score`` then writes the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dictbench import atomic, eval_shared, registry
+from dictbench.cache import ActivationStore, default_cache_root, prepare, run_harvest
+from dictbench.errors import UserError
+from dictbench.runner import build_env, record_context, score_sae
+from dictbench.spec import RunSpec
+from dictbench.subject import SubjectModel
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Group:
+    """SAEs scored under one spec (``LoadedSAE`` objects from dictbench.evaluate)."""
+
+    spec: RunSpec
+    source: str
+    saes: list[Any]
+
+
+# eval.json's name for a mean over part of the training split (not the run's mean).
+PARTIAL_MEAN = "training split, part"
+
+
+def _train_mean(
+    subject: SubjectModel, spec: RunSpec, root: Path, mean_tokens: int | None
+) -> tuple[Any, dict[str, Any]]:
+    """The store whose mean is the mean-ablation baseline, and what eval.json says of it."""
+
+    def pending(n: int) -> Any:
+        return prepare(subject, spec.hook, spec.corpus, "train", n, spec.seed, root, log=log)
+
+    if mean_tokens is None:
+        full = pending(spec.budget.train_tokens)
+        if isinstance(full, ActivationStore):
+            return full, {"source": "training cache of the spec", "tokens": full.n_tokens}
+        n = min(spec.budget.train_tokens, spec.eval.tokens)
+        if n == spec.budget.train_tokens:
+            return full, {"source": "training split of the spec", "tokens": n}
+    else:
+        if mean_tokens <= 0:
+            raise UserError(f"--mean-tokens: must be positive, got {mean_tokens}")
+        n = mean_tokens
+    return pending(n), {"source": PARTIAL_MEAN, "tokens": n}
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot write to '{out}' ({e.strerror})") from e
+
+
+def _subject(spec: RunSpec, subjects: dict[str, SubjectModel]) -> SubjectModel:
+    key = json.dumps(dataclasses.asdict(spec.model), sort_keys=True, default=str)
+    if key not in subjects:
+        log(f"loading subject model {spec.model.name} ...")
+        subjects[key] = SubjectModel.load(spec.model)
+    return subjects[key]
+
+
+@dataclass
+class Prepared:
+    subject: SubjectModel
+    pending_eval: Any
+    pending_mean: Any
+    mean_info: dict[str, Any]
+
+
+def prepare_group(group: Group, subjects: dict, mean_tokens: int | None) -> Prepared:
+    """Model, hook, widths and the caches' token windows: every check before any write."""
+    spec = group.spec
+    log(f"spec: {spec.name} ({group.source}); hook {spec.hook}; tasks {', '.join(spec.tasks)}")
+    for sae in group.saes:
+        log(f"scoring {sae.fmt} SAE {sae.sae_id} ({sae.method}) from {sae.path}")
+        if sae.model and sae.model != spec.model.name:
+            log(f"note: the SAE names model {sae.model!r}; scoring on {spec.model.name!r}")
+    subject = _subject(spec, subjects)
+    subject.stream_position(spec.hook)
+    for sae in group.saes:
+        if sae.d_in != subject.d_model:
+            raise UserError(
+                f"{sae.path}: the SAE reads {sae.d_in}-dimensional activations but "
+                f"{spec.model.name} has d_model {subject.d_model}; pass --spec or --preset "
+                "naming the model it was trained on"
+            )
+    root = Path(spec.cache_dir) if spec.cache_dir else default_cache_root()
+    pending_eval = prepare(
+        subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, root, log=log
+    )
+    pending_mean, mean_info = _train_mean(subject, spec, root, mean_tokens)
+    return Prepared(subject, pending_eval, pending_mean, mean_info)
+
+
+def _entry(sae: Any, group_index: int) -> dict[str, Any]:
+    return {
+        "path": str(sae.path),
+        "format": sae.fmt,
+        "sae_id": sae.sae_id,
+        "baseline": sae.method,
+        "hook": sae.hook_name,
+        "model": sae.model,
+        "spec_group": group_index,
+    }
+
+
+def score(group: Group, prep: Prepared, out_dir: Path, info: dict, reload: Any) -> None:
+    """Harvest (or reuse) the group's caches and write every SAE's records. ``reload``
+    reads an SAE again when its weights were let go after the checks."""
+    spec, subject, mean_info = group.spec, prep.subject, prep.mean_info
+    info["device"] = subject.device
+    entries = [_entry(sae, len(info["groups"])) for sae in group.saes]
+    info["saes"].extend(entries)
+    record = {"spec_source": group.source, "spec": spec.to_dict(), "train_mean": mean_info}
+    info["groups"].append(record)
+    atomic.write_json(out_dir / "eval.json", info)
+
+    eval_store = run_harvest(subject, spec.hook, prep.pending_eval, log=log)
+    mean_store = run_harvest(subject, spec.hook, prep.pending_mean, log=log)
+    record["caches"] = {"eval": str(eval_store.path), "train_mean": str(mean_store.path)}
+    env = build_env(spec, subject, mean_store.mean, eval_store)
+    reused = eval_shared.load(env, eval_store, mean_store)
+    if reused:
+        log(f"reusing {reused} SAE-independent result(s) stored beside the eval activations")
+    context = record_context(spec, subject, eval_store)
+    task_context = {}
+    if mean_info["source"] == PARTIAL_MEAN:
+        # Not the mean a run of this spec ablates with: its records must not be compared
+        # with a run's as if they were (the leaderboard and `check` refuse the mix).
+        n_mean = mean_info["tokens"]
+        task_context["downstream"] = {"mean_ablation": f"first {n_mean} training tokens"}
+    for sae, entry in zip(group.saes, entries, strict=True):
+        module = sae.module if sae.module is not None else reload(sae.path).module
+        task_objs = [registry.get_task(name)() for name in spec.tasks]
+        t0 = time.perf_counter()
+        module = module.to(subject.device).eval()
+        score_sae(module, sae.sae_id, sae.method, task_objs, env, out_dir, context, task_context)
+        entry["seconds"] = time.perf_counter() - t0
+        del module  # one SAE in memory at a time
+    eval_shared.save(env, eval_store, mean_store)

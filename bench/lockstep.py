@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dictbench import checkpoint, distributed, faults
+from dictbench import checkpoint, distributed, faults, resources
 from dictbench.batch_stream import ShuffleBuffer
 from dictbench.checkpoint import CheckpointError, CheckpointPlan, TrainState
 from dictbench.errors import UserError
@@ -310,7 +310,8 @@ def _save(m: Member, next_step: int, steps: int) -> None:
     wall = m.wall_before + m.seconds
     state = TrainState(next_step, fired_all, m.terms, wall, m.has_latents)
     if distributed.is_main() and m.ckpt is not None:  # the only writer
-        checkpoint.save(m.ckpt.path, m.identity, m.sae, m.opt, state, steps, m.device)
+        with resources.disk_full_is_user_error(m.ckpt.path):  # one line, not a traceback
+            checkpoint.save(m.ckpt.path, m.identity, m.sae, m.opt, state, steps, m.device)
 
 
 def _finish(m: Member, lay: Layout) -> None:

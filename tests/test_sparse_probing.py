@@ -236,9 +236,10 @@ def test_offline_defaults_on_smollm2_with_a_trained_sae():
     for k in (1, 2, 5, 20):
         assert 0.0 <= trained.metrics[f"accuracy_k{k}"] <= 1.0
     ab = Absorption().run(sae, env)
-    assert ab.details["n_words"] <= 500 and ab.metrics["n_letters"] >= 20
-    assert ab.details["weak_model"] == (ab.metrics["probe_accuracy"] < 0.6)
     print(json.dumps({"sparse_probing": trained.metrics, "absorption": ab.metrics}))
+    # 500 vocabulary words leave the rare letters (q, x, z, ...) under 8 words each.
+    assert ab.details["n_words"] <= 500 and ab.metrics["n_letters"] >= 10
+    assert ab.details["weak_model"] == (ab.metrics["probe_accuracy"] < 0.6)
 
 
 def test_bad_dataset_in_a_spec_fails_at_spec_load(tmp_path, tiny_spec_data):

@@ -100,7 +100,9 @@ def test_full_cache_disk_is_one_line_not_sigbus(tmp_path, tiny_spec_data, cli):
         out = tmp_path / "out"
         res = cli.run(["run", str(spec), "--out", str(out)], tmp_path / "logs", tmp_path / "c")
         line = _one_error_line(res)  # before: SIGBUS, exit 135, no message
-        assert "disk full" in line and "acts.npy" in line and "bytes" in line
+        # Refused by the disk estimate before the harvest writes (bench/runner.py); were
+        # the estimate passed, the preallocation would say "disk full" instead.
+        assert ("not enough disk" in line or "disk full" in line) and "bytes" in line
         assert not list(cache.rglob("acts.npy"))
     finally:
         subprocess.run(["umount", "-l", str(cache)], check=False)

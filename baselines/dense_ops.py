@@ -9,7 +9,10 @@ backward that gets ``b_dec``'s gradient from the bias gradient instead
 the same matmul as ``W_enc``'s by appending a column of ones to the input, so the
 [B, d_sae] gradient is read once. ``x`` is data: it gets no gradient.
 
-tests/test_fast_paths.py checks values and gradients against the plain formulas.
+Beside each kernel is its plain formula (``*_reference``), written as a reader would
+write it and run by plain autograd: what the kernel must equal, and what runs instead
+under autocast. tests/test_kernel_reference.py checks every kernel against it, values
+and gradients; tests/test_fast_paths.py checks the methods' steps.
 """
 
 from __future__ import annotations
@@ -70,9 +73,19 @@ def centred_encoder(
     """``(x - b_dec) @ W_enc + b_enc`` (either bias may be None) without the wasted
     input-gradient matmul; ``x`` is treated as data."""
     if autocast_on(x):
-        pre = (x.detach() - b_dec if b_dec is not None else x.detach()) @ W_enc
-        return pre if b_enc is None else pre + b_enc
+        return centred_encoder_reference(x, b_dec, W_enc, b_enc)
     return _CentredEncoder.apply(x.detach(), b_dec, W_enc, b_enc)
+
+
+def centred_encoder_reference(
+    x: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The plain formula of :func:`centred_encoder` (``x`` is data here too)."""
+    pre = (x.detach() - b_dec if b_dec is not None else x.detach()) @ W_enc
+    return pre if b_enc is None else pre + b_enc
 
 
 class _Saved:
@@ -135,11 +148,24 @@ def relu_sae_dense(
     every parameter's gradient: the dense step of an L1-family SAE in the matmuls it
     needs (five) plus a few in-place passes."""
     if autocast_on(x):
-        f = torch.relu(centred_encoder(x, b_dec_in, W_enc, b_enc))
-        col_sum = f.float().sum(0)
-        # Elementwise, not ``col_sum @ w``: autocast would run that dot product in bf16.
-        return f @ W_dec + b_dec, (col_sum.sum() if w is None else (col_sum * w).sum())
+        return relu_sae_dense_reference(x, b_dec_in, W_enc, b_enc, W_dec, b_dec, w)
     return _ReluSAEDense.apply(f.detach(), x.detach(), b_dec_in, W_enc, b_enc, W_dec, b_dec, w)
+
+
+def relu_sae_dense_reference(
+    x: torch.Tensor,
+    b_dec_in: torch.Tensor | None,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    w: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain formula of :func:`relu_sae_dense` (which needs no precomputed f)."""
+    f = torch.relu(centred_encoder_reference(x, b_dec_in, W_enc, b_enc))
+    col_sum = f.float().sum(0)
+    # Elementwise, not ``col_sum @ w``: autocast would run that dot product in bf16.
+    return f @ W_dec + b_dec, (col_sum.sum() if w is None else (col_sum * w).sum())
 
 
 class _GatedDense(torch.autograd.Function):
@@ -203,6 +229,28 @@ def gated_dense(
     return _GatedDense.apply(
         shared.detach(), x.detach(), b_dec, W_enc, b_gate, r_mag, b_mag, W_dec, norms
     )
+
+
+def gated_dense_reference(
+    shared: torch.Tensor,
+    x: torch.Tensor,
+    b_dec: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_gate: torch.Tensor,
+    r_mag: torch.Tensor,
+    b_mag: torch.Tensor,
+    W_dec: torch.Tensor,
+    norms: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plain formula of :func:`gated_dense` (``shared`` is recomputed with its graph;
+    the aux reconstruction goes through a stop-gradient copy of the decoder)."""
+    del shared  # the formula recomputes it, with the graph the kernel builds by hand
+    pre = centred_encoder_reference(x, b_dec, W_enc)
+    gate = torch.relu(pre + b_gate)
+    f = (gate > 0).to(pre.dtype) * torch.relu(pre * r_mag.exp() + b_mag)
+    penalty = (gate.sum(0) * norms).sum()
+    frozen = gate @ W_dec.detach() + b_dec.detach()
+    return f @ W_dec + b_dec, penalty, frozen, f.detach()
 
 
 # Above this fraction of firing (token, latent) pairs the dense matmuls are cheaper than

@@ -27,10 +27,15 @@ from dictbench.baselines.base import (
     BaselineConfig,
     LossOutput,
     SAELensExport,
+    fold_biases,
+    saelens_export_as,
     saelens_tensors,
     warmup_factor,
 )
-from dictbench.baselines.init import unit_rows
+from dictbench.baselines.init import (
+    tied_init,
+    unit_rows,
+)
 from dictbench.registry import register_baseline
 
 
@@ -60,18 +65,13 @@ class E2ESAE(Baseline):
     def saelens_export(self) -> SAELensExport:
         """At inference this is a standard ReLU SAE on the raw input; decode normalises the decoder
         rows, so SAELens gets the normalised rows."""
-        return (
-            "standard",
-            saelens_tensors(self, W_dec=unit_rows(self.W_dec.detach())),
-            {"apply_b_dec_to_input": False},
-        )
+        unit = unit_rows(self.W_dec.detach())
+        return saelens_export_as("standard", self, {"apply_b_dec_to_input": False}, W_dec=unit)
 
     def __init__(self, cfg: E2EConfig):
         super().__init__(cfg)
         self.cfg: E2EConfig = cfg
-        w_dec = unit_rows(torch.randn(cfg.d_sae, cfg.d_in))
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.downstream = None  # set by the trainer for the duration of training
@@ -114,6 +114,4 @@ class E2ESAE(Baseline):
         return sae + 6.0 * self.downstream.params_after_hook()
 
     def fold_input_scale(self, scale: float) -> None:
-        with torch.no_grad():
-            self.b_enc.div_(scale)
-            self.b_dec.div_(scale)
+        fold_biases(self, scale, "b_enc", "b_dec")

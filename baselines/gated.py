@@ -23,10 +23,11 @@ and dictionary_learning, the *encoder's* input centring (x - b_dec) uses the liv
 b_dec, so b_dec still receives gradient from every term through pi_gate/pi_mag,
 exactly as it does in an L1 SAE's encoder.
 
-Training computes the shared encoder matmul once, then either a fused dense step
-(``_dense_terms``) or, when fewer than 5% of gates open (a trained Gated SAE), every
-term through the open (token, latent) pairs only (``_sparse_terms``); both give the
-values and gradients of the written-out ``loss_terms``.
+Training (``training_terms``, the one entry point) computes the shared encoder matmul
+once, then either a fused dense step (``_dense_terms``) or, when fewer than 5% of gates
+open (a trained Gated SAE), every term through the open (token, latent) pairs only
+(``_sparse_terms``); both give the values and gradients of the written-out
+``loss_terms`` (tests/test_kernel_reference.py).
 
 Parameters use SAELens's Gated names and shapes: W_enc [d_in, d_sae], b_gate,
 r_mag, b_mag [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
@@ -44,6 +45,8 @@ from dictbench.baselines.base import (
     BaselineConfig,
     LossOutput,
     SAELensExport,
+    fold_biases,
+    saelens_export_as,
     saelens_tensors,
     warmup_factor,
 )
@@ -57,6 +60,7 @@ from dictbench.baselines.init import (
     geometric_median,
     project_out_radial_grad,
     renormalise_rows_,
+    tied_init,
     unit_rows,
 )
 from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
@@ -100,18 +104,12 @@ class GatedSAE(Baseline):
 
     def saelens_export(self) -> SAELensExport:
         """At inference this is SAELens's gated SAE, tensor for tensor."""
-        return (
-            "gated",
-            saelens_tensors(self, names=("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec")),
-            {},
-        )
+        return saelens_export_as("gated", self)
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
         self.cfg: GatedConfig = cfg
-        w_dec = unit_rows(torch.randn(cfg.d_sae, cfg.d_in))
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
@@ -145,12 +143,18 @@ class GatedSAE(Baseline):
         return f @ self.W_dec + self.b_dec
 
     # --- training ----------------------------------------------------------------------
-    def loss_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The three loss terms with their graphs (unweighted), and the latents f.
+    def loss_terms(
+        self, x: torch.Tensor, one_matmul: bool = True
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The three loss terms with their graphs (unweighted), and the latents f, by
+        plain autograd: the plain formula :meth:`training_terms` must equal (with
+        ``one_matmul=False``, the two encoder matmuls exactly as the paper writes them),
+        and what runs under autocast.
 
         Separate from :meth:`loss` so each term's gradient can be inspected alone.
         """
-        pi_gate, pi_mag = self._shared_pre_activations(x)
+        shared = self._shared_pre_activations if one_matmul else self.pre_activations
+        pi_gate, pi_mag = shared(x)
         # Multiplying by a 0/1 mask: the Heaviside step sends no gradient to the gate.
         f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
         x_hat = torch.addmm(self.b_dec, f, self.W_dec)
@@ -163,19 +167,23 @@ class GatedSAE(Baseline):
         return {"mse": mse, "l1": l1, "aux": aux}, f
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        if autocast_on(batch):  # the fused Functions assume one dtype throughout
-            terms, f = self.loss_terms(batch)
-        else:
-            with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
-                shared0 = (batch - self.b_dec) @ self.W_enc
-                gate0 = torch.relu(shared0 + self.b_gate)
-            if relu_path_is_sparse(gate0):
-                terms, f = self._sparse_terms(batch, shared0, gate0)
-            else:
-                terms, f = self._dense_terms(batch, shared0)
+        terms, f = self.training_terms(batch)
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = terms["mse"] + self.cfg.l1_coefficient * warm * terms["l1"] + terms["aux"]
         return LossOutput(total, {k: v.detach() for k, v in terms.items()}, f.detach())
+
+    def training_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The one entry point of the Gated kernels: :meth:`loss_terms`' values and
+        gradients from one encoder matmul without a graph, then the fused dense Function
+        or, when few gates open, the open pairs only (plain autograd under autocast)."""
+        if autocast_on(x):  # the fused Functions assume one dtype throughout
+            return self.loss_terms(x)
+        with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
+            shared0 = (x - self.b_dec) @ self.W_enc
+            gate0 = torch.relu(shared0 + self.b_gate)
+        if relu_path_is_sparse(gate0):
+            return self._sparse_terms(x, shared0, gate0)
+        return self._dense_terms(x, shared0)
 
     def _dense_terms(
         self, x: torch.Tensor, shared0: torch.Tensor
@@ -241,7 +249,4 @@ class GatedSAE(Baseline):
         # Trained on s x: pi_gate(s x) = s * [(x - b_dec/s) W_enc + b_gate/s], likewise
         # pi_mag. The gate's sign and ReLU are unchanged by the positive factor s, so
         # dividing every bias by s gives latents f/s and reconstruction x_hat/s.
-        with torch.no_grad():
-            self.b_gate.div_(scale)
-            self.b_mag.div_(scale)
-            self.b_dec.div_(scale)
+        fold_biases(self, scale, "b_gate", "b_mag", "b_dec")

@@ -48,11 +48,16 @@ from dictbench.baselines.base import (
     LossOutput,
     SAELensExport,
     UnitNormDecoder,
+    fold_biases,
+    saelens_export_as,
     saelens_tensors,
     warmup_factor,
 )
 from dictbench.baselines.dense_ops import centred_encoder
-from dictbench.baselines.init import unit_rows
+from dictbench.baselines.init import (
+    tied_init,
+    unit_rows,
+)
 from dictbench.registry import register_baseline
 
 
@@ -123,18 +128,12 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
 
     def saelens_export(self) -> SAELensExport:
         """At inference this is SAELens's JumpReLU with threshold exp(log_threshold)."""
-        return (
-            "jumprelu",
-            saelens_tensors(self, threshold=self.log_threshold.detach().exp()),
-            {},
-        )
+        return saelens_export_as("jumprelu", self, threshold=self.log_threshold.detach().exp())
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
         self.cfg: JumpReLUConfig = cfg
-        w_dec = unit_rows(torch.randn(cfg.d_sae, cfg.d_in))
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
         # Gemma Scope initialises both biases at zero.
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
@@ -190,8 +189,7 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
     def fold_input_scale(self, scale: float) -> None:
         # Pre-activations of x are those of scale * x divided by scale once both biases
         # are; dividing theta too keeps every comparison pre > theta, so f scales by 1/s.
+        fold_biases(self, scale, "b_enc", "b_dec")
         with torch.no_grad():
-            self.b_enc.div_(scale)
-            self.b_dec.div_(scale)
             self.log_threshold.sub_(math.log(scale))
         self.input_rms /= scale

@@ -5,12 +5,13 @@ loss = ||x - x_hat||^2 (summed over dims, mean over tokens) + lambda * ||f||_1,
 with decoder rows held at unit norm so the L1 penalty cannot be dodged by
 shrinking f and growing W_dec.
 
-A training step computes the encoder matmul once, without a graph, and counts the
-firing latents. Early in training about half fire and the step stays dense, with the
-encoder's backward fused (baselines/dense_ops.py: no matmul for the centred input's
-gradient). Once fewer than 5% fire, as in any useful L1 SAE, the decoder and every
-gradient go through the firing (token, latent) pairs only (baselines/sparse_ops.py).
-Both paths compute the same loss and gradients (tests/test_fast_paths.py).
+A training step (``sparse_ops.relu_sae_terms``, shared with ``l1_april``) computes the
+encoder matmul once, without a graph, and counts the firing latents. Early in training
+about half fire and the step stays dense, with the encoder's backward fused
+(baselines/dense_ops.py: no matmul for the centred input's gradient). Once fewer than
+5% fire, as in any useful L1 SAE, the decoder and every gradient go through the firing
+(token, latent) pairs only (baselines/sparse_ops.py). Both paths compute the same loss
+and gradients (tests/test_kernel_reference.py, tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ from dictbench.baselines.base import (
     LossOutput,
     SAELensExport,
     UnitNormDecoder,
+    fold_biases,
+    saelens_export_as,
     saelens_tensors,
     warmup_factor,
 )
-from dictbench.baselines.dense_ops import relu_path_is_sparse, relu_sae_dense
-from dictbench.baselines.init import geometric_median, unit_rows
-from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
+from dictbench.baselines.init import (
+    geometric_median,
+    tied_init,
+    unit_rows,
+)
+from dictbench.baselines.sparse_ops import relu_sae_terms
 from dictbench.registry import register_baseline
 
 
@@ -54,14 +60,12 @@ class L1SAE(UnitNormDecoder, Baseline):
 
     def saelens_export(self) -> SAELensExport:
         """At inference this is a standard ReLU SAE that subtracts b_dec from its input."""
-        return "standard", saelens_tensors(self), {"apply_b_dec_to_input": True}
+        return saelens_export_as("standard", self, {"apply_b_dec_to_input": True})
 
     def __init__(self, cfg: L1Config):
         super().__init__(cfg)
         self.cfg: L1Config = cfg
-        w_dec = unit_rows(torch.randn(cfg.d_sae, cfg.d_in))
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
@@ -72,23 +76,9 @@ class L1SAE(UnitNormDecoder, Baseline):
         return f @ self.W_dec + self.b_dec
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        n = batch.shape[0]
-        with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
-            f0 = torch.addmm(self.b_enc, batch - self.b_dec, self.W_enc).relu_()
-        if relu_path_is_sparse(f0):
-            # Few latents fire (a trained L1 SAE): decode and backpropagate through the
-            # firing (token, latent) pairs only.
-            pairs, pre = Pairs.of_nonzeros(f0)
-            pre = pairs_encoder(pairs, pre, batch, self.b_dec, self.W_enc, self.b_enc)
-            vals = torch.relu(pre)
-            x_hat = pairs_decode(pairs, vals, self.W_dec) + self.b_dec
-            l1 = vals.sum() / n
-        else:
-            # f >= 0, so |f| = f: the L1 term is the plain sum, with no sign pass.
-            x_hat, f_sum = relu_sae_dense(
-                f0, batch, self.b_dec, self.W_enc, self.b_enc, self.W_dec, self.b_dec
-            )
-            l1 = f_sum / n
+        # f >= 0, so |f| = f: the L1 term is the plain sum of f, with no sign pass.
+        x_hat, f_sum, f0 = relu_sae_terms(batch, self, centred=True, weighted=False)
+        l1 = f_sum / batch.shape[0]
         mse = (x_hat - batch).pow(2).sum(-1).mean()
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = mse + self.cfg.l1_coefficient * warm * l1
@@ -102,6 +92,4 @@ class L1SAE(UnitNormDecoder, Baseline):
     def fold_input_scale(self, scale: float) -> None:
         # ReLU is positively homogeneous: dividing both biases by `scale` makes the
         # latents 1/scale of the trained ones and the reconstruction the raw activation.
-        with torch.no_grad():
-            self.b_enc.div_(scale)
-            self.b_dec.div_(scale)
+        fold_biases(self, scale, "b_enc", "b_dec")

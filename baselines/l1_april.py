@@ -30,11 +30,15 @@ from dictbench.baselines.base import (
     BaselineConfig,
     LossOutput,
     SAELensExport,
+    fold_biases,
+    saelens_export_as,
     saelens_tensors,
     warmup_factor,
 )
-from dictbench.baselines.dense_ops import relu_path_is_sparse, relu_sae_dense
-from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
+from dictbench.baselines.init import (
+    tied_init,
+)
+from dictbench.baselines.sparse_ops import relu_sae_terms
 from dictbench.registry import register_baseline
 
 
@@ -69,15 +73,12 @@ class L1AprilSAE(Baseline):
 
     def saelens_export(self) -> SAELensExport:
         """At inference this is a standard ReLU SAE on the raw input (no b_dec subtracted)."""
-        return "standard", saelens_tensors(self), {"apply_b_dec_to_input": False}
+        return saelens_export_as("standard", self, {"apply_b_dec_to_input": False})
 
     def __init__(self, cfg: L1AprilConfig):
         super().__init__(cfg)
         self.cfg: L1AprilConfig = cfg
-        w = torch.randn(cfg.d_sae, cfg.d_in)
-        w_dec = cfg.init_decoder_norm * w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae, cfg.init_decoder_norm)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
@@ -88,23 +89,10 @@ class L1AprilSAE(Baseline):
         return f @ self.W_dec + self.b_dec
 
     def loss(self, batch: torch.Tensor, step: int) -> LossOutput:
-        n = batch.shape[0]
-        with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
-            f0 = torch.addmm(self.b_enc, batch, self.W_enc).relu_()
-        # The row norms are part of the graph: the penalty pulls on W_dec's scale too,
-        # which is what stops the unconstrained decoder from growing to dodge it.
-        norms = self.W_dec.norm(dim=-1)
-        if relu_path_is_sparse(f0):  # few latents fire: work on the firing pairs only
-            pairs, pre = Pairs.of_nonzeros(f0)
-            vals = torch.relu(pairs_encoder(pairs, pre, batch, None, self.W_enc, self.b_enc))
-            x_hat = pairs_decode(pairs, vals, self.W_dec) + self.b_dec
-            l1 = (vals * norms[pairs.cols]).sum() / n
-        else:
-            # sum_b sum_i f_bi ||W_dec,i|| / n, through the column sums: no [B, d_sae] product.
-            x_hat, weighted = relu_sae_dense(
-                f0, batch, None, self.W_enc, self.b_enc, self.W_dec, self.b_dec, norms
-            )
-            l1 = weighted / n
+        # sum_b sum_i f_bi ||W_dec,i||: the row norms are in the graph, so the penalty
+        # also pulls on W_dec's scale, which stops the free decoder growing to dodge it.
+        x_hat, weighted, f0 = relu_sae_terms(batch, self, centred=False, weighted=True)
+        l1 = weighted / batch.shape[0]
         mse = (x_hat - batch).pow(2).sum(-1).mean()
         warm = warmup_factor(step, int(self.cfg.l1_warmup_frac * self.total_steps))
         total = mse + self.cfg.l1_coefficient * warm * l1
@@ -113,6 +101,4 @@ class L1AprilSAE(Baseline):
     def fold_input_scale(self, scale: float) -> None:
         # relu(s x W_enc + b_enc) / s = relu(x W_enc + b_enc / s), and
         # (f_s W_dec + b_dec) / s = (f_s / s) W_dec + b_dec / s: divide both biases.
-        with torch.no_grad():
-            self.b_enc.div_(scale)
-            self.b_dec.div_(scale)
+        fold_biases(self, scale, "b_enc", "b_dec")

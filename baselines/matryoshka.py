@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from dictbench.baselines.auxk import data_variance, sparse_auxk_loss
-from dictbench.baselines.base import LossOutput
+from dictbench.baselines.base import LossOutput, SAELensExport
 from dictbench.baselines.batchtopk import BatchTopKConfig, BatchTopKSAE
 from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
 from dictbench.errors import SpecError
@@ -133,11 +133,8 @@ class MatryoshkaSAE(BatchTopKSAE):
             terms["prefix_mse_sum"] = sum(t.detach() for t in losses[:-1])
         return LossOutput(total, terms, fired=fired)
 
-    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    def saelens_export(self) -> SAELensExport:
         """SAELens saves trained Matryoshka BatchTopK SAEs as JumpReLU SAEs; at inference
         this SAE is pre * 1[pre > t] with one threshold t >= 0, i.e. JumpReLU with every
         latent's threshold t (as bench/saelens.py exports batchtopk)."""
-        names = ("W_enc", "b_enc", "W_dec", "b_dec")
-        tensors = {n: getattr(self, n).detach().float().cpu() for n in names}
-        t = self.threshold.detach().float().cpu().reshape(1).expand(self.cfg.d_sae).clone()
-        return "jumprelu", {**tensors, "threshold": t}, {}
+        return BatchTopKSAE.saelens_export(self)

@@ -16,8 +16,12 @@ d_sae; everything after it touches the kept (token, latent) pairs only:
 Neither sorts the pairs by token (they come grouped by token); the weight gradients
 share one latent-major transpose per ``Pairs``. ``selected_preacts`` and
 ``sparse_decode`` take the pairs flat (``rows`` non-decreasing, ``cols``). The
-results equal the dense formulas up to float rounding; tests/test_sparse_ops.py
-checks values and gradients against them.
+results equal the dense formulas up to float rounding: each kernel has its plain
+formula beside it (``*_reference``), which tests/test_kernel_reference.py checks it
+against, values and gradients (tests/test_sparse_ops.py checks the TopK family's steps).
+
+``relu_sae_terms`` is the one entry point of the L1 family's step (``l1``, ``l1_april``):
+it looks at the density once and takes the fused dense kernel or the firing pairs.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dictbench.baselines.dense_ops import autocast_on, centred_encoder
+from dictbench.baselines.dense_ops import (
+    autocast_on,
+    centred_encoder_reference,
+    relu_path_is_sparse,
+    relu_sae_dense,
+    relu_sae_dense_reference,
+)
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]):
@@ -124,6 +134,20 @@ def pairs_encoder(
     return _PairsEncoder.apply(pairs, vals.detach(), x.detach(), b_dec, W_enc, b_enc)
 
 
+def pairs_encoder_reference(
+    pairs: Pairs,
+    vals: torch.Tensor,
+    x: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The plain formula of :func:`pairs_encoder`: the whole pre-activation matrix,
+    indexed at the pairs (``vals`` is not needed)."""
+    del vals
+    return centred_encoder_reference(x, b_dec, W_enc, b_enc)[pairs.rows(), pairs.cols]
+
+
 class _PairsDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pairs, vals, W_dec):  # type: ignore[override]
@@ -154,6 +178,11 @@ def pairs_decode(pairs: Pairs, vals: torch.Tensor, W_dec: torch.Tensor) -> torch
     return _PairsDecode.apply(pairs, vals, W_dec)
 
 
+def pairs_decode_reference(pairs: Pairs, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """The plain formula of :func:`pairs_decode`: the dense z, then ``z @ W_dec``."""
+    return sparse_decode_reference(pairs.rows(), pairs.cols, vals, W_dec, pairs.n)
+
+
 def pairs_of_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, d_sae: int) -> Pairs:
     """Pairs given flat, ``rows`` non-decreasing."""
     crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
@@ -176,9 +205,23 @@ def selected_preacts(
     what the selection looked at); ``x`` is treated as data (no gradient). Under
     autocast, the plain formula (the whole matrix again) indexed at the pairs."""
     if autocast_on(x):
-        return centred_encoder(x, b_dec, W_enc, b_enc)[rows, cols]
+        return selected_preacts_reference(pre, x, b_dec, W_enc, b_enc, rows, cols)
     pairs = pairs_of_rows(rows, cols, x.shape[0], W_enc.shape[1])
     return pairs_encoder(pairs, pre[rows, cols], x, b_dec, W_enc, b_enc)
+
+
+def selected_preacts_reference(
+    pre: torch.Tensor,
+    x: torch.Tensor,
+    b_dec: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """The plain formula of :func:`selected_preacts` (``pre`` is not needed)."""
+    del pre
+    return centred_encoder_reference(x, b_dec, W_enc, b_enc)[rows, cols]
 
 
 def sparse_decode(
@@ -187,6 +230,56 @@ def sparse_decode(
     """sum over a row's pairs of vals * W_dec[cols]: ``z @ W_dec`` without the zeros
     (under autocast, through the dense z)."""
     if autocast_on(vals):
-        z = vals.new_zeros(n_rows, W_dec.shape[0]).index_put((rows, cols), vals)
-        return z @ W_dec
+        return sparse_decode_reference(rows, cols, vals, W_dec, n_rows)
     return pairs_decode(pairs_of_rows(rows, cols, n_rows, W_dec.shape[0]), vals, W_dec)
+
+
+def sparse_decode_reference(
+    rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """The plain formula of :func:`sparse_decode`: the dense z, then ``z @ W_dec``."""
+    z = vals.new_zeros(n_rows, W_dec.shape[0]).index_put((rows, cols), vals)
+    return z @ W_dec
+
+
+# --- the L1 family's step --------------------------------------------------------------
+
+
+def relu_sae_terms(
+    x: torch.Tensor, sae: torch.nn.Module, centred: bool, weighted: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_hat, penalty, f0)`` of a ReLU SAE's training step, with every gradient:
+    f = ReLU((x - b_dec) W_enc + b_enc) (without ``- b_dec`` unless ``centred``),
+    x_hat = f W_dec + b_dec, penalty = sum_bi f_bi w_i with w_i = ||W_dec,i|| when
+    ``weighted`` (in the graph) and 1 otherwise; f0 is f without a graph.
+
+    The encoder matmul runs once, without a graph; then, by the density of f0, the fused
+    dense kernel (:func:`relu_sae_dense`) or the firing pairs only. Plain formula:
+    :func:`relu_sae_reference`."""
+    b_dec_in = sae.b_dec if centred else None
+    with torch.no_grad():  # the one dictionary-sized encoder matmul, looked at first
+        f0 = torch.addmm(sae.b_enc, x - sae.b_dec if centred else x, sae.W_enc).relu_()
+    # The row norms are part of the graph: the penalty pulls on W_dec's scale too.
+    norms = sae.W_dec.norm(dim=-1) if weighted else None
+    if not relu_path_is_sparse(f0):
+        x_hat, penalty = relu_sae_dense(
+            f0, x, b_dec_in, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, norms
+        )
+        return x_hat, penalty, f0
+    # Few latents fire (a trained SAE): decode and backpropagate through those pairs.
+    pairs, pre = Pairs.of_nonzeros(f0)
+    vals = torch.relu(pairs_encoder(pairs, pre, x, b_dec_in, sae.W_enc, sae.b_enc))
+    x_hat = pairs_decode(pairs, vals, sae.W_dec) + sae.b_dec
+    penalty = vals.sum() if norms is None else (vals * norms[pairs.cols]).sum()
+    return x_hat, penalty, f0
+
+
+def relu_sae_reference(
+    x: torch.Tensor, sae: torch.nn.Module, centred: bool, weighted: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plain formula of :func:`relu_sae_terms`."""
+    norms = sae.W_dec.norm(dim=-1) if weighted else None
+    b_dec_in = sae.b_dec if centred else None
+    args = (x, b_dec_in, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, norms)
+    x_hat, penalty = relu_sae_dense_reference(*args)
+    return x_hat, penalty, torch.relu(centred_encoder_reference(*args[:4])).detach()

@@ -27,9 +27,15 @@ from dictbench.baselines.base import (
     LossOutput,
     SAELensExport,
     UnitNormDecoder,
+    fold_biases,
+    saelens_export_as,
     saelens_tensors,
 )
-from dictbench.baselines.init import geometric_median, unit_rows
+from dictbench.baselines.init import (
+    geometric_median,
+    tied_init,
+    unit_rows,
+)
 from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
 from dictbench.distributed import any_across, rows_across
 from dictbench.registry import register_baseline
@@ -62,14 +68,12 @@ class TopKSAE(UnitNormDecoder, Baseline):
 
     def saelens_export(self) -> SAELensExport:
         """At inference this is SAELens's TopK SAE with the same k."""
-        return "topk", saelens_tensors(self), {"k": int(self.cfg.k)}
+        return saelens_export_as("topk", self, {"k": int(self.cfg.k)})
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
         self.cfg: TopKConfig = cfg
-        w_dec = unit_rows(torch.randn(cfg.d_sae, cfg.d_in))
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         # Training tokens since each latent last fired; a buffer so it survives state_dict.
@@ -153,6 +157,4 @@ class TopKSAE(UnitNormDecoder, Baseline):
     def fold_input_scale(self, scale: float) -> None:
         # pre(s x) = s * pre_folded(x) once both biases are divided by s; TopK's choice
         # is unchanged by a positive factor and ReLU is positively homogeneous.
-        with torch.no_grad():
-            self.b_enc.div_(scale)
-            self.b_dec.div_(scale)
+        fold_biases(self, scale, "b_enc", "b_dec")

@@ -16,10 +16,36 @@ Why this shape:
 
 Sequence-batch methods (e2e) take whole windows instead: a block's windows are
 permuted with another seed and taken ``seqs`` at a time.
+
+Under torchrun data parallel in stream mode, each block's model chunks (the harvest's
+chunks of 16 windows) are split into one contiguous range per rank; each rank runs the
+model over its range only, then every rank broadcasts its range to the others
+(``distributed.share_rows``), so each rank holds the whole block and cuts its slice of
+every global batch from it as before. Why this design:
+
+- the global batch and its order stay exactly those of one process: the chunks are the
+  same, so the activations are bit-identical to one process's and to the cache;
+- forwarding only the windows whose tokens land in a rank's slices would save nothing
+  for token batches: the token shuffle spreads a rank's rows over almost every window
+  of the block (a window has ctx_len - 1 kept tokens; the chance that none of them
+  falls in one rank's half is 2^-(ctx_len - 1)); for whole-window batches it would
+  forward windows in chunks other than the harvest's, and batched matmuls are not
+  bit-identical across batch compositions;
+- an exchange of only the rows each rank trains on would move W times less (a rank
+  receives about (W-1)/W^2 of a block instead of (W-1)/W), but every reader of the
+  stream (the scale and initialisation samples, the first block's mean, resumed runs,
+  window batches) would have to declare its rows in advance; sharing the block keeps
+  them all unchanged. The traffic is one block of float32 per block of forward work
+  (buffer_tokens x d_model x 4 bytes, 1.6 GB for 2^19 tokens of a 768-wide model),
+  over gloo in host memory, beside a forward of buffer_tokens / W tokens per rank;
+- every rank reads the blocks in the same order at the same step: a batch reader names
+  the global batch it is part of (``within``), and every block that batch touches is
+  read by every rank, even one whose own slice lies in the block before.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dictbench import faults
+from dictbench import distributed, faults
 
 TOKEN_SALT = 17  # generator salts: tokens and windows are shuffled independently
 WINDOW_SALT = 23
@@ -65,19 +91,51 @@ class CacheWindows:
 class ModelWindows:
     """Activations computed by the subject model on demand: the stream, no disk.
 
-    ``mean_sum`` accumulates the float64 sum of the first block's kept activations in
-    the harvest's order, for the mean-ablation baseline."""
+    With ``ranks_share`` under torchrun, each rank forwards its share of every read's
+    chunks and the ranks exchange them (module docstring): every rank must then make the
+    same reads at the same point, as ``ShuffleBuffer`` does for the training batches.
+    ``windows_forwarded`` counts the windows this process ran the model on."""
 
-    def __init__(self, subject: Any, hook: str, tokens: np.ndarray, keep: np.ndarray):
+    def __init__(
+        self,
+        subject: Any,
+        hook: str,
+        tokens: np.ndarray,
+        keep: np.ndarray,
+        ranks_share: bool = False,
+    ):
         self.subject, self.hook, self.tokens, self.keep = subject, hook, tokens, keep
         self.n_windows, self.ctx = tokens.shape
         self.d = int(subject.d_model)
+        self.ranks_share = ranks_share
         self.model_seconds = 0.0
+        self.windows_forwarded = 0
+
+    def shares(self, start: int, stop: int) -> list[tuple[int, int]] | None:
+        """Each rank's windows of a read of [start, stop): whole harvest chunks, one
+        contiguous range per rank; None when this process reads it all alone."""
+        if not self.ranks_share or distributed.world() == 1:
+            return None
+        n_chunks = -(-(stop - start) // HARVEST_CHUNK)
+        return [
+            (min(stop, start + a * HARVEST_CHUNK), min(stop, start + b * HARVEST_CHUNK))
+            for a, b in distributed.split_evenly(n_chunks, distributed.world())
+        ]
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        import time
-
         out = np.empty((stop - start, self.ctx, self.d), dtype=np.float32)
+        shares = self.shares(start, stop)
+        lo, hi = (start, stop) if shares is None else shares[distributed.rank()]
+        self._forward(out[lo - start : hi - start], lo, hi)
+        if shares is not None:
+            distributed.share_rows(
+                torch.from_numpy(out), [(a - start, b - start) for a, b in shares]
+            )
+        return out
+
+    def _forward(self, out: np.ndarray, start: int, stop: int) -> None:
+        """The model's activations of windows [start, stop) into ``out``, in the harvest's
+        chunks (``start`` is on a chunk boundary of the split)."""
         bar = tqdm(
             total=(stop - start) * self.ctx,
             desc=f"stream @ {self.hook}",
@@ -85,6 +143,7 @@ class ModelWindows:
             unit_scale=True,
             mininterval=2.0,
             leave=False,
+            **({} if distributed.is_main() else {"disable": True}),  # one bar per run
         )
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -92,11 +151,11 @@ class ModelWindows:
                 e = min(stop, s + HARVEST_CHUNK)
                 ids = torch.from_numpy(self.tokens[s:e].astype(np.int64))
                 out[s - start : e - start] = self.subject.run_to(self.hook, ids).float().cpu()
+                self.windows_forwarded += e - s
                 bar.update(ids.numel())
                 faults.point(f"stream:window={s}")
         bar.close()
         self.model_seconds += time.perf_counter() - t0
-        return out
 
 
 def chunked_mean(acts: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -164,42 +223,71 @@ class ShuffleBuffer:
             blk.window_perm = blk.start + perm
         return blk.window_perm
 
-    def tokens(self, p0: int, p1: int) -> torch.Tensor:
-        """Rows [p0, p1) of the permuted token stream, float32 [p1 - p0, d]."""
-        per_block = self.block_windows * self.kept
-        parts = []
-        p = p0
-        while p < p1:
+    def _spans(self, span: tuple[int, int], per_window: int) -> list[tuple[int, int, int]]:
+        """(block, start, stop) of each block's part of stream positions [start, stop),
+        in order; ``per_window`` positions per window (kept tokens, or 1 for windows)."""
+        per_block = self.block_windows * per_window
+        out = []
+        p, end = span
+        while p < end:
             b = p // per_block
-            blk = self.block(b)
-            perm = self._token_perm(blk)
-            lo = p - b * per_block
-            hi = min(len(perm), lo + (p1 - p))
-            rows = perm[lo:hi]
-            order = np.argsort(rows, kind="stable")  # ascending reads, rows put back in place
-            flat = blk.acts.reshape(-1, blk.acts.shape[-1])
-            out = np.empty((len(rows), flat.shape[1]), dtype=np.float32)
-            out[order] = flat[rows[order]]
-            parts.append(out)
-            p += hi - lo
+            w_start, w_stop = self._windows_of(b)
+            stop = min(end, b * per_block + (w_stop - w_start) * per_window)
+            if b >= self.n_blocks or stop <= p:
+                total = self.n_windows * per_window
+                raise IndexError(f"stream position {p} is past the end of the stream ({total})")
+            out.append((b, p, stop))
+            p = stop
+        return out
+
+    def tokens(self, p0: int, p1: int, within: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows [p0, p1) of the permuted token stream, float32 [p1 - p0, d].
+
+        ``within``: the global batch these rows are a rank's slice of. Every block it
+        touches is read, in order, even where this slice needs nothing from it: a stream
+        the ranks share must be read by all of them together (module docstring)."""
+        parts = []
+        for b, a, c in self._spans(within or (p0, p1), self.kept):
+            lo, hi = max(a, p0), min(c, p1)
+            if lo < hi:
+                parts.append(self._token_rows(b, lo, hi))
+            else:
+                self.block(b)
+        if not parts:
+            return torch.empty((0, self.source.d), dtype=torch.float32)
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
-    def windows(self, w0: int, w1: int) -> tuple[np.ndarray, np.ndarray]:
+    def _token_rows(self, b: int, p0: int, p1: int) -> np.ndarray:
+        # Its own frame, so the block is no longer referenced when the next one is read.
+        blk = self.block(b)
+        base = b * self.block_windows * self.kept
+        rows = self._token_perm(blk)[p0 - base : p1 - base]
+        order = np.argsort(rows, kind="stable")  # ascending reads, rows put back in place
+        flat = blk.acts.reshape(-1, blk.acts.shape[-1])
+        out = np.empty((len(rows), flat.shape[1]), dtype=np.float32)
+        out[order] = flat[rows[order]]
+        return out
+
+    def windows(
+        self, w0: int, w1: int, within: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Windows [w0, w1) of the permuted window stream, sorted within the batch:
-        (acts [n, ctx, d] float32, token ids [n, ctx] int32)."""
+        (acts [n, ctx, d] float32, token ids [n, ctx] int32). ``within`` as for tokens."""
         idx_parts, act_parts = [], []
-        w = w0
-        while w < w1:
-            b = w // self.block_windows
-            blk = self.block(b)
-            perm = self._window_perm(blk)
-            lo = w - b * self.block_windows
-            hi = min(len(perm), lo + (w1 - w))
-            seg = perm[lo:hi]
-            idx_parts.append(seg)
-            act_parts.append(blk.acts[seg - blk.start])  # copied before the block may go
-            w += hi - lo
+        for b, a, c in self._spans(within or (w0, w1), 1):
+            lo, hi = max(a, w0), min(c, w1)
+            if lo < hi:
+                seg, acts = self._window_rows(b, lo, hi)
+                idx_parts.append(seg)
+                act_parts.append(acts)
+            else:
+                self.block(b)
         idx = np.concatenate(idx_parts)
         order = np.argsort(idx, kind="stable")
         acts = act_parts[0] if len(act_parts) == 1 else np.concatenate(act_parts)
         return np.ascontiguousarray(acts[order]), self.source.tokens[idx[order]]
+
+    def _window_rows(self, b: int, w0: int, w1: int) -> tuple[np.ndarray, np.ndarray]:
+        blk = self.block(b)
+        seg = self._window_perm(blk)[w0 - b * self.block_windows : w1 - b * self.block_windows]
+        return seg, blk.acts[seg - blk.start]  # copied before the block may go

@@ -255,49 +255,70 @@ def compare(
     ref_recs, run_recs = _by_key(ref), _by_key(run)
     rows: list[dict[str, Any]] = []
     for sae, ref_tasks in ref_recs.items():
-        run_tasks = run_recs.get(sae)
-        if run_tasks is None:
-            rows.append(_row(sae, "-", "-", "MISSING", run="SAE not in run"))
-            continue
-        ref_err = training_error(ref_tasks.get("training", {}))
-        run_err = training_error(run_tasks.get("training", {}))
-        if run_err is not None:
-            status = "ok" if ref_err is not None else "FAILED"
-            rows.append(_row(sae, "training", "-", status, reference=ref_err, run=run_err))
-            continue
-        if ref_err is not None:
-            rows.append(_row(sae, "training", "-", "better", reference=ref_err, run="trained"))
-        for task, ref_rec in ref_tasks.items():
-            if training_error(ref_rec) is not None:
-                continue
-            run_rec = run_tasks.get(task)
-            if run_rec is None:
-                rows.append(_row(sae, task, "-", "MISSING", run="task record not in run"))
-                continue
-            for metric, ref_v in ref_rec["metrics"].items():
-                tol = tolerance_for(metric, table)
-                if tol.ignore:
-                    continue
-                if metric not in run_rec["metrics"]:
-                    rows.append(_row(sae, task, metric, "MISSING", reference=ref_v, run="absent"))
-                    continue
-                new_v = run_rec["metrics"][metric]
-                rows.append(
-                    _row(
-                        sae,
-                        task,
-                        metric,
-                        judge(ref_v, new_v, tol),
-                        reference=ref_v,
-                        run=new_v,
-                        change=None if ref_v is None or new_v is None else new_v - ref_v,
-                        tolerance=None if ref_v is None else tol.allowed(ref_v),
-                        better=_BETTER[tol.direction],
-                    )
-                )
+        rows += _sae_rows(sae, ref_tasks, run_recs.get(sae), table)
     for sae in sorted(set(run_recs) - set(ref_recs)):
         rows.append(_row(sae, "-", "-", "new", reference="SAE not in reference"))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _sae_rows(
+    sae: str,
+    ref_tasks: dict[str, dict[str, Any]],
+    run_tasks: dict[str, dict[str, Any]] | None,
+    table: dict[str, Tolerance],
+) -> list[dict[str, Any]]:
+    """One SAE's rows: missing or failed in the run, or one row per compared metric."""
+    if run_tasks is None:
+        return [_row(sae, "-", "-", "MISSING", run="SAE not in run")]
+    ref_err = training_error(ref_tasks.get("training", {}))
+    run_err = training_error(run_tasks.get("training", {}))
+    if run_err is not None:
+        status = "ok" if ref_err is not None else "FAILED"
+        return [_row(sae, "training", "-", status, reference=ref_err, run=run_err)]
+    rows = []
+    if ref_err is not None:
+        rows.append(_row(sae, "training", "-", "better", reference=ref_err, run="trained"))
+    for task, ref_rec in ref_tasks.items():
+        if training_error(ref_rec) is not None:
+            continue
+        run_rec = run_tasks.get(task)
+        if run_rec is None:
+            rows.append(_row(sae, task, "-", "MISSING", run="task record not in run"))
+            continue
+        rows += _metric_rows(sae, task, ref_rec["metrics"], run_rec["metrics"], table)
+    return rows
+
+
+def _metric_rows(
+    sae: str,
+    task: str,
+    ref_metrics: dict[str, Any],
+    run_metrics: dict[str, Any],
+    table: dict[str, Tolerance],
+) -> list[dict[str, Any]]:
+    rows = []
+    for metric, ref_v in ref_metrics.items():
+        tol = tolerance_for(metric, table)
+        if tol.ignore:
+            continue
+        if metric not in run_metrics:
+            rows.append(_row(sae, task, metric, "MISSING", reference=ref_v, run="absent"))
+            continue
+        new_v = run_metrics[metric]
+        rows.append(
+            _row(
+                sae,
+                task,
+                metric,
+                judge(ref_v, new_v, tol),
+                reference=ref_v,
+                run=new_v,
+                change=None if ref_v is None or new_v is None else new_v - ref_v,
+                tolerance=None if ref_v is None else tol.allowed(ref_v),
+                better=_BETTER[tol.direction],
+            )
+        )
+    return rows
 
 
 def failures(df: pd.DataFrame) -> pd.DataFrame:

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser(
         "list", help="show registered baselines, tasks and presets", description="List registries."
     )
-    p_list.set_defaults(func=_cmd_list)
+    p_list.set_defaults(func=_cmd_list, needs_torch=False)
 
     from dictbench import commands
 
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    if getattr(args, "needs_torch", True):
+        from dictbench import wait_policy
+
+        wait_policy.choose()  # before torch loads: OpenMP reads it once
     try:
         return int(args.func(args))
     except UserError as e:

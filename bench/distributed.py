@@ -14,6 +14,11 @@ below, which combine the shards so those quantities are the global batch's too. 
 helpers are the identity outside a sharded training loop (one process, or rank 0
 scoring on its own), so a baseline never needs to know whether it is distributed.
 
+In stream mode (``budget.source: stream``) the subject model's forward is split as well:
+each rank runs the model over its share of every shuffle block and the ranks exchange
+the shares (``share_rows``), so every rank holds the block a one-process run reads
+(bench/batch_stream.py says why this design).
+
 Only rank 0 writes (records, SAEs, checkpoints, run.json) and scores; the others
 wait for it. NCCL carries the tensors when the device is a GPU, gloo otherwise;
 waits and small Python objects always go over a gloo group, so a rank waiting for
@@ -274,6 +279,24 @@ def average_grads(params: list[torch.Tensor], flags: torch.Tensor) -> torch.Tens
                 p.grad.copy_(g)
         offset += size
     return buf[grads_end + len(params) :]
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous (start, stop) ranges covering range(n), in order, whose sizes
+    differ by at most one: rank q's share of n units of work."""
+    return [(n * q // parts, n * (q + 1) // parts) for q in range(parts)]
+
+
+def share_rows(t: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
+    """Complete ``t`` on every rank from the rows each rank filled: rank q holds rows
+    ``bounds[q]`` (dim 0) and sends them to the others, one broadcast per rank over the
+    gloo group (``t`` is in host memory whatever the backend). The broadcasts write into
+    ``t`` itself, so nothing beyond it is allocated. Every rank must call this with the
+    same bounds at the same point of its run, like any collective."""
+    assert _GROUP is not None and len(bounds) == _GROUP.world
+    for q, (a, b) in enumerate(bounds):
+        if b > a:
+            dist.broadcast(t[a:b], src=q, group=_GROUP.cpu_group)
 
 
 def broadcast_module(module: torch.nn.Module) -> None:

@@ -2,9 +2,11 @@
 
 A group shares the subject model (loaded once per call, across groups), one set of
 evaluation activations, one mean-ablation store and one task environment, so the
-SAE-independent downstream passes run once per group (``env.shared``) and, through
-``dictbench.eval_shared``, once per cache fingerprint across calls. ``prepare`` does
-every check before anything is written; ``score`` then writes the records.
+SAE-independent downstream passes are shared: the ablated ones run once per group
+(``env.shared``) and, through ``dictbench.eval_shared``, once per cache fingerprint
+across calls; the clean one runs once per batch for as many of the group's SAEs as fit
+in memory together (``dictbench.group_scoring``). ``prepare`` does every check before
+anything is written; ``score`` then writes the records.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 from dictbench import atomic, eval_shared, registry
 from dictbench.cache import ActivationStore, default_cache_root, prepare, run_harvest
 from dictbench.errors import UserError
-from dictbench.runner import build_env, record_context, score_sae
+from dictbench.group_scoring import Member, chunks, parameter_bytes, score_members, shares_passes
+from dictbench.resources import available_gpu_bytes, available_ram_bytes
+from dictbench.runner import build_env, record_context
 from dictbench.spec import RunSpec
 from dictbench.subject import SubjectModel
 
@@ -84,6 +88,7 @@ class Prepared:
     pending_eval: Any
     pending_mean: Any
     mean_info: dict[str, Any]
+    sae_bytes: list[int]  # each SAE's weights: how many can be held together
 
 
 def prepare_group(group: Group, subjects: dict, mean_tokens: int | None) -> Prepared:
@@ -108,7 +113,16 @@ def prepare_group(group: Group, subjects: dict, mean_tokens: int | None) -> Prep
         subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, root, log=log
     )
     pending_mean, mean_info = _train_mean(subject, spec, root, mean_tokens)
-    return Prepared(subject, pending_eval, pending_mean, mean_info)
+    sizes = [parameter_bytes(sae.module) for sae in group.saes]
+    return Prepared(subject, pending_eval, pending_mean, mean_info, sizes)
+
+
+def together_budget(device: str) -> int:
+    """Bytes of SAE weights held at once to share passes: a quarter of the free memory
+    of the device they run on (the passes' own tensors need room too); 2 GiB where the
+    free memory is unknown. One SAE larger than this is still scored, on its own."""
+    free = available_gpu_bytes(device) if device.startswith("cuda") else available_ram_bytes()
+    return free // 4 if free else 2 << 30
 
 
 def _entry(sae: Any, group_index: int) -> dict[str, Any]:
@@ -148,12 +162,34 @@ def score(group: Group, prep: Prepared, out_dir: Path, info: dict, reload: Any) 
         # with a run's as if they were (the leaderboard and `check` refuse the mix).
         n_mean = mean_info["tokens"]
         task_context["downstream"] = {"mean_ablation": f"first {n_mean} training tokens"}
-    for sae, entry in zip(group.saes, entries, strict=True):
-        module = sae.module if sae.module is not None else reload(sae.path).module
-        task_objs = [registry.get_task(name)() for name in spec.tasks]
-        t0 = time.perf_counter()
-        module = module.to(subject.device).eval()
-        score_sae(module, sae.sae_id, sae.method, task_objs, env, out_dir, context, task_context)
-        entry["seconds"] = time.perf_counter() - t0
-        del module  # one SAE in memory at a time
+    _score_chunks(group, prep, env, out_dir, context, task_context, entries, reload)
     eval_shared.save(env, eval_store, mean_store)
+
+
+def _score_chunks(
+    group: Group,
+    prep: Prepared,
+    env: Any,
+    out_dir: Path,
+    context: dict[str, Any],
+    task_context: dict[str, dict[str, Any]],
+    entries: list[dict[str, Any]],
+    reload: Any,
+) -> None:
+    """Score the group's SAEs a chunk at a time: a chunk is as many as fit the memory
+    budget together, and shares its clean passes; the records are those of each alone."""
+    tasks = [registry.get_task(name)() for name in group.spec.tasks]
+    device = prep.subject.device
+    # Without a task that shares passes there is nothing to gain from holding several.
+    budget = together_budget(device) if any(map(shares_passes, tasks)) else 0
+    for idx in chunks(prep.sae_bytes, budget):
+        members = [_member(group.saes[i], reload, device, context) for i in idx]
+        seconds = score_members(members, tasks, env, out_dir, task_context)
+        for i, s in zip(idx, seconds, strict=True):
+            entries[i]["seconds"] = s
+        del members  # only this chunk's SAEs are in memory at a time
+
+
+def _member(sae: Any, reload: Any, device: str, context: dict[str, Any]) -> Member:
+    module = sae.module if sae.module is not None else reload(sae.path).module
+    return Member(module.to(device).eval(), sae.sae_id, sae.method, context)

@@ -36,13 +36,9 @@ from typing import Any
 import torch
 
 from dictbench import __version__, atomic, formats, saelens
-from dictbench.errors import SpecError, UserError
-from dictbench.eval_groups import (
-    Group,
-    check_writable,
-    prepare_group,
-    score,
-)
+from dictbench.console import check_writable, log
+from dictbench.errors import UserError
+from dictbench.eval_groups import Group, prepare_group, score
 from dictbench.formats import sources
 from dictbench.leaderboard import table
 from dictbench.sae_io import CONFIG, load_sae, read_config
@@ -53,13 +49,11 @@ from dictbench.spec import (
     apply_override,
     build,
     load_preset_dict,
+    on_preset,
+    read_spec_file,
     validate,
 )
 from dictbench.subject import SubjectModel
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 @dataclass
@@ -134,36 +128,10 @@ def load_any(path: str | Path, trust_code: bool = False) -> LoadedSAE:
 # --- which spec ---------------------------------------------------------------------------
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_spec_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"--spec: no such file '{path}'")
-    from dictbench import safe_yaml  # aliases, duplicate keys and empty files refused
-
-    try:
-        data = safe_yaml.load_path(p)
-    except UserError as e:
-        raise SpecError(str(e)) from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: the spec must be a YAML mapping")
-    return data
-
-
 def _base_spec(loaded: LoadedSAE, spec_path: str | None, preset: str | None) -> tuple[dict, str]:
     if spec_path or preset:
-        data = _read_spec_file(spec_path) if spec_path else {}
-        base = preset or data.get("preset")
-        if base is not None:
-            if not isinstance(base, str):
-                raise SpecError("spec.preset: expected a preset name")
-            data = {**_merge(load_preset_dict(base), data), "preset": base}
+        data = read_spec_file(spec_path, "--spec") if spec_path else {}
+        data = on_preset(data, preset or data.get("preset"))
         return data, f"--spec {spec_path}" if spec_path else f"--preset {preset}"
     if loaded.run_spec is not None:
         data = copy.deepcopy(loaded.run_spec)
@@ -289,8 +257,9 @@ def evaluate_many(
 ) -> Path:
     """Score every SAE the paths name and write their records into one run folder.
     Everything is loaded and checked (formats, specs, widths, corpus) before anything is
-    written; with several SAEs their weights are then let go and read again one at a
-    time, so a whole release never sits in memory at once."""
+    written; with several SAEs their weights are then let go and read again a chunk at a
+    time (as many as share the clean downstream passes within a memory budget:
+    ``eval_groups.together_budget``), so a whole release never sits in memory at once."""
     t0 = time.perf_counter()
     loaded = load_sources(paths, match=match, trust_code=trust_code)
     if sae_id:

@@ -169,8 +169,34 @@ def render_text(board: Leaderboard, fmt: str, heading_level: int = 2) -> str:
     return "\n\n".join(parts + ([seeded.rstrip()] if seeded else [])) + "\n"
 
 
-def long_frame(board: Leaderboard) -> pd.DataFrame:
-    """Everything in one tidy frame (CSV): a row per SAE metric and per matched cell."""
+# The tidy CSV's columns, in order. The interval columns (``seed_tables.INTERVAL_COLS``)
+# are empty except in the seed sections; they are always present so that one reader
+# handles runs with and without seeds.
+CSV_COLUMNS = (
+    "section",
+    "run",
+    "sae_id",
+    "setting",
+    "method",
+    "status",
+    "metric",
+    "target_l0",
+    "value",
+    "rank",
+    "n_seeds",
+    "n_failed",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "interval",
+    "tied",
+)
+
+
+def _sae_rows(board: Leaderboard) -> list[dict[str, Any]]:
+    from dictbench.seed_stats import setting_of
+
     rows = []
     metric_cols = [c for c in board.saes.columns if c not in _ID_COLS]
     for _, s in board.saes.iterrows():
@@ -183,21 +209,28 @@ def long_frame(board: Leaderboard) -> pd.DataFrame:
                     "section": "sae",
                     "run": s["run"],
                     "sae_id": s["sae_id"],
+                    "setting": setting_of(s["sae_id"]),
                     "method": s["method"],
                     "status": s["status"],
                     "metric": m,
-                    "target_l0": None,
                     "value": None if pd.isna(v) else float(v),
-                    "rank": None,
                 }
             )
+    return rows
+
+
+def long_frame(board: Leaderboard) -> pd.DataFrame:
+    """Everything in one tidy frame (CSV): a row per SAE metric (section ``sae``), per
+    matched cell (``matched_l0``) and, with seeds, per setting metric (``seed_group``)
+    and per matched cell over seeds (``matched_l0_seeds``), columns ``CSV_COLUMNS``."""
+    from dictbench.seed_tables import seed_csv_rows
+
+    rows = _sae_rows(board)
     for _, r in board.matched.iterrows():
         v = r["value"]
         rows.append(
             {
                 "section": "matched_l0",
-                "run": None,
-                "sae_id": None,
                 "method": r["method"],
                 "status": "n/a" if v is None or pd.isna(v) else "ok",
                 "metric": r["metric"],
@@ -206,7 +239,9 @@ def long_frame(board: Leaderboard) -> pd.DataFrame:
                 "rank": None if pd.isna(r["rank"]) else int(r["rank"]),
             }
         )
-    return pd.DataFrame(rows).astype({"rank": "Int64"})
+    rows.extend(seed_csv_rows(board))
+    df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    return df.astype({"rank": "Int64", "n_seeds": "Int64", "n_failed": "Int64"})
 
 
 def _json_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -241,4 +276,8 @@ def render(board: Leaderboard, fmt: str) -> str:
         "matched_l0": _json_rows(board.matched),
         "ranks": _json_rows(board.ranks),
     }
+    from dictbench.seed_tables import seed_json  # empty lists unless a run used seeds
+
+    for key, rows in seed_json(board).items():
+        doc[key] = [{k: _json_value(v) for k, v in row.items()} for row in rows]
     return json.dumps(doc, indent=2) + "\n"

@@ -120,13 +120,17 @@ class BatchMaker:
         return self._on[device]
 
     def _make(self, step: int, device: str) -> Any:
+        # Each rank reads its slice, naming the global batch: every rank then reads the
+        # blocks that batch touches at this step (a stream the ranks share needs that).
         lay, n = self.layout, self.layout.n_items
+        whole = (step * n, (step + 1) * n)
+        lo, hi = whole[0] + self.lo, whole[0] + self.hi
         if lay.sequence_mode:
-            acts, ids = self.buffer.windows(step * n + self.lo, step * n + self.hi)
+            acts, ids = self.buffer.windows(lo, hi, whole)
             acts_t = torch.from_numpy(acts).to(device) * lay.scale
             ids_t = torch.from_numpy(ids.astype(np.int64))
             return SequenceBatch(acts_t, ids_t, self.keep.to(device))
-        return self.buffer.tokens(step * n + self.lo, step * n + self.hi).to(device) * lay.scale
+        return self.buffer.tokens(lo, hi, whole).to(device) * lay.scale
 
 
 def train_group(

@@ -79,7 +79,9 @@ class TrainingData:
     def windows(self) -> Any:
         if self.store is not None:
             return CacheWindows(self.store)
-        return ModelWindows(self.subject, self.hook, self.tokens, self.keep)
+        # Under torchrun the ranks split the model's forward (bench/batch_stream.py); every
+        # rank reads these windows together: training, and ``mean`` (called on all ranks).
+        return ModelWindows(self.subject, self.hook, self.tokens, self.keep, ranks_share=True)
 
     def buffer(self, spec: RunSpec, seed: int) -> ShuffleBuffer:
         source = self.windows()
@@ -92,7 +94,8 @@ class TrainingData:
 
     def mean(self, spec: RunSpec) -> tuple[np.ndarray, int | None]:
         """The mean training activation (the mean-ablation baseline), and the number of
-        tokens it covers when that is only part of the split (streamed, several blocks)."""
+        tokens it covers when that is only part of the split (streamed, several blocks).
+        Every rank of a data-parallel run calls it: a streamed first block is shared."""
         if self.store is not None:
             return self.store.mean, None
         if self._first_block_mean is None:

@@ -1,6 +1,10 @@
-"""Leaderboard text sections for runs trained with ``seeds`` (see dictbench.seed_stats):
-the seeds of each setting pooled into a mean and 95% interval, and the matched-L0
-comparison made per seed, with ties where intervals overlap. Empty without seeds."""
+"""Leaderboard sections for runs trained with ``seeds`` (see dictbench.seed_stats): the
+seeds of each setting pooled into a mean and 95% interval, and the matched-L0 comparison
+made per seed, with ties where intervals overlap. Empty without seeds.
+
+The same numbers go out twice: as text (Markdown, terminal) and as rows for the CSV and
+JSON outputs, so a reader with pandas gets the intervals the tables print rather than
+having to recompute them (and perhaps pick another interval)."""
 
 from __future__ import annotations
 
@@ -76,3 +80,110 @@ def render_seed_text(board: Any, fmt: str, heading_level: int = 2) -> str:
         parts.append(f"**{metric}**" if md else metric)
         parts.append(_tab(matched_display(frame, metric, board.targets), fmt))
     return "\n\n".join(parts) + "\n"
+
+
+# --- machine-readable outputs (CSV rows, JSON lists) ------------------------------------
+# A row's interval fields: ``n_seeds`` is how many seed values the mean and interval pool
+# (the t-interval's n); ``interval`` names what ci_low/ci_high are, as in the text tables:
+# "t95" a 95% Student t-interval for the mean (3+ seeds), "range" the min and max of two
+# seeds, "single" the one value (low = high = mean), "none" no value.
+INTERVAL_COLS = ("n_seeds", "n_failed", "mean", "std", "ci_low", "ci_high", "interval", "tied")
+
+
+def _interval(summary: dict[str, Any]) -> dict[str, Any]:
+    """A seed_stats summary under the output column names."""
+    return {
+        "n_seeds": summary["n"],
+        "mean": summary["mean"],
+        "std": summary["std"],
+        "ci_low": summary["lo"],
+        "ci_high": summary["hi"],
+        "interval": summary["kind"],
+    }
+
+
+def _group_metrics(saes: pd.DataFrame) -> list[str]:
+    from dictbench.leaderboard_tables import _ID_COLS
+
+    skip = {*_ID_COLS, "setting", "sae_seed"}
+    return [c for c in saes.columns if c not in skip and pd.api.types.is_numeric_dtype(saes[c])]
+
+
+def group_summaries(board: Any) -> list[dict[str, Any]]:
+    """One dict per (run, setting, metric), every numeric metric, the setting's trained
+    seeds pooled; n_saes and n_failed count the setting's SAEs. [] without seeds."""
+    if board.saes.empty or not seed_stats.has_seeds(board.saes):
+        return []
+    df = seed_stats.with_settings(board.saes)
+    metrics = _group_metrics(board.saes)
+    out = []
+    for (run, setting), sub in df.groupby(["run", "setting"], sort=False):
+        ok = sub[sub["status"] == "ok"]
+        base = {
+            "run": run,
+            "setting": setting,
+            "method": sub["method"].iloc[0],
+            "n_saes": int(len(sub)),
+            "n_failed": int((sub["status"] != "ok").sum()),
+        }
+        for m in metrics:
+            out.append({**base, "metric": m, **_interval(seed_stats.summarize(ok[m]))})
+    return out
+
+
+def matched_summaries(board: Any) -> list[dict[str, Any]]:
+    """One dict per (method, metric, target L0) of the matched-L0-over-seeds table, with
+    rank and tied as the text table shows them. [] without seeds."""
+    if board.saes.empty or not seed_stats.has_seeds(board.saes):
+        return []
+    frame = seed_stats.matched_l0_seeds(board.saes, board.metrics, board.targets, board.directions)
+    out = []
+    for r in frame.to_dict("records"):
+        summary = {"n": r["n_seeds"], **{k: r[k] for k in ("mean", "std", "lo", "hi", "kind")}}
+        rank = None if pd.isna(r["rank"]) else int(r["rank"])
+        keep = {k: r[k] for k in ("method", "metric", "target_l0")}
+        out.append({**keep, **_interval(summary), "rank": rank, "tied": r["tied"]})
+    return out
+
+
+def seed_csv_rows(board: Any) -> list[dict[str, Any]]:
+    """The seed sections as rows of the tidy CSV (``leaderboard_render.long_frame``):
+    section ``seed_group`` (run, setting, metric) and ``matched_l0_seeds`` (method,
+    metric, target_l0); ``value`` is the mean, so one column holds every section's number."""
+    rows = []
+    for g in group_summaries(board):
+        rows.append(
+            {
+                "section": "seed_group",
+                **{k: g[k] for k in ("run", "setting", "method", "metric")},
+                "status": "n/a" if g["mean"] is None else "ok",
+                "value": g["mean"],
+                **{k: g.get(k) for k in INTERVAL_COLS},
+            }
+        )
+    for r in matched_summaries(board):
+        rows.append(
+            {
+                "section": "matched_l0_seeds",
+                "status": "n/a" if r["mean"] is None else "ok",
+                "value": r["mean"],
+                **r,
+            }
+        )
+    return rows
+
+
+def seed_json(board: Any) -> dict[str, list[dict[str, Any]]]:
+    """The seed sections for the JSON output: ``seed_groups``, one wide row per setting
+    (``<metric>_mean``, ``_std``, ``_ci_low``, ``_ci_high``, ``_interval``, ``_n_seeds``),
+    and ``matched_l0_seeds``, tidy rows. Both lists are empty without seeds."""
+    wide: dict[tuple[str, str], dict[str, Any]] = {}
+    for g in group_summaries(board):
+        row = wide.setdefault(
+            (g["run"], g["setting"]),
+            {k: g[k] for k in ("run", "setting", "method", "n_saes", "n_failed")},
+        )
+        m = g["metric"]
+        for k in ("mean", "std", "ci_low", "ci_high", "interval", "n_seeds"):
+            row[f"{m}_{k}"] = g[k]
+    return {"seed_groups": list(wide.values()), "matched_l0_seeds": matched_summaries(board)}

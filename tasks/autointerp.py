@@ -8,6 +8,10 @@ accuracy is reported too because that is SAEBench's number. A latent whose judge
 reply failed or could not be read counts as failed for that scorer: every sampled
 latent ends up either scored or failed, and both counts are reported.
 
+Each latent's entry in the record keeps its top few explain windows (token strings and
+the latent's activation per token), so that a reader of the results, the leaderboard
+page among them, sees what an explanation was written from without rerunning anything.
+
 The judge stage is the only slow part on a real endpoint, so it runs concurrently
 (``bench/judge.py``); everything before it is a pure function of the SAE, the
 held-out data and the seed, which is what makes the reply cache hit on a rerun.
@@ -57,6 +61,8 @@ class LatentItem:
     n_active_windows: int
     explain: list[str]
     scoring: dict[str, tuple[list[str], list[bool]]]  # scorer -> (excerpts, is_positive)
+    # The first explain windows (the top ones) as the record keeps them: {"tokens", "acts"}.
+    windows: list[dict[str, list]]
 
 
 def _excerpt(tokenizer: Any, ids: np.ndarray, marks: np.ndarray | None = None) -> str:
@@ -105,9 +111,7 @@ def prepare_latents(sae: torch.nn.Module, env: TaskEnv, opts: AutointerpOptions)
             opts.n_detect_random,
             opts.n_fuzz if "fuzzing" in opts.scorers else 0,
         )
-        ids = scan.token_ids(env.eval_token_ids, sel.explain)
-        acts = scan.token_acts(sel.explain, latent)
-        explain = [_excerpt(tok, i, true_marks(a)) for i, a in zip(ids, acts, strict=True)]
+        explain, windows = _explain_set(scan, env, tok, latent, sel.explain, opts)
         pos_ids = scan.token_ids(env.eval_token_ids, sel.detect_pos)
         neg_ids = scan.token_ids(env.eval_token_ids, sel.detect_neg)
         texts = [_excerpt(tok, i) for i in pos_ids] + [_excerpt(tok, i) for i in neg_ids]
@@ -117,8 +121,24 @@ def prepare_latents(sae: torch.nn.Module, env: TaskEnv, opts: AutointerpOptions)
         }
         if "fuzzing" in opts.scorers:
             scoring["fuzzing"] = _fuzz_set(scan, env, tok, latent, sel, pos_ids)
-        items.append(LatentItem(latent, int(counts[latent]), explain, scoring))
+        items.append(LatentItem(latent, int(counts[latent]), explain, scoring, windows))
     return items, info, layout.n_tokens
+
+
+def _explain_set(scan, env, tok, latent: int, chosen: list[int], opts: AutointerpOptions):
+    """The marked excerpts the explainer is shown, and the top ``record_windows`` of them
+    as records: each window's token strings (the very pieces the excerpt was rendered
+    from) and the latent's activation on each token, to 4 significant digits."""
+    ids = scan.token_ids(env.eval_token_ids, chosen)
+    acts = scan.token_acts(chosen, latent)
+    pieces = [token_strings(tok, i) for i in ids]
+    explain = [prompts.render(p, true_marks(a)) for p, a in zip(pieces, acts, strict=True)]
+    n_keep = min(opts.record_windows, opts.n_explain_top, len(chosen))
+    windows = [
+        {"tokens": pieces[k], "acts": [float(f"{float(a):.4g}") for a in acts[k]]}
+        for k in range(n_keep)
+    ]
+    return explain, windows
 
 
 def _fuzz_set(scan, env, tok, latent, sel, pos_ids):
@@ -139,6 +159,8 @@ def _fuzz_set(scan, env, tok, latent, sel, pos_ids):
 
 async def _score_latent(judge: Judge, item: LatentItem, opts: AutointerpOptions) -> dict:
     out: dict[str, Any] = {"latent": item.latent, "n_active_windows": item.n_active_windows}
+    if item.windows:  # kept whether or not the judge answers: what the latent fires on
+        out["top_windows"] = item.windows
     reply = await judge.chat(
         prompts.explain_messages(item.explain),
         temperature=opts.temperature,

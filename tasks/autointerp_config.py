@@ -66,6 +66,9 @@ class AutointerpOptions:
     n_detect_quantile: int = 2
     n_detect_random: int = 10
     n_fuzz: int = 4
+    # top explain windows kept in the record, with token activations, for the leaderboard
+    # page (0: none); bounded because every latent's windows go into autointerp.json
+    record_windows: int = 5
     # sampling
     temperature: float = 0.0
     explain_max_tokens: int = 60
@@ -99,6 +102,7 @@ _AT_LEAST = {
     "n_detect_quantile": 0,
     "n_detect_random": 1,
     "n_fuzz": 1,
+    "record_windows": 0,
     "explain_max_tokens": 1,
     "score_max_tokens": 1,
 }

@@ -1,13 +1,22 @@
 """Downstream fidelity: next-token cross-entropy with the SAE spliced into the model.
 
 The hook-point activations of the evaluation sequences are already in the cache,
-so the layers before the hook never run again: variants are stacked into one batch
-and only the layers after the hook run on it. The zero- and mean-ablated losses do
-not depend on the SAE, so a run computes them once (in ``env.shared``) and each SAE
-costs two variants (clean, for the KL, and spliced) instead of four. Special
-positions (position 0) keep their original activation in every variant, and
-predictions made *at* position 0 are not averaged: they cannot change, and would
-only dilute the differences.
+so the layers before the hook never run again: only the layers after the hook run,
+on the clean activations, on each SAE's spliced ones, and on the zero- and
+mean-ablated ones. Only the spliced pass depends on the SAE, so the others are
+shared:
+
+* the zero- and mean-ablated losses are two numbers per window, computed once per
+  environment (``env.shared``; ``dictbench.eval_shared`` also keeps them on disk);
+* the clean pass gives the full next-token distributions the KL needs, far too big to
+  keep for a whole window (tokens x vocabulary floats), so it is shared per batch:
+  ``run_many`` takes every SAE of a group, runs the clean pass once per batch and each
+  SAE's spliced pass after it. Each pass has the batch shape it has alone, so an SAE
+  scored in a group gets exactly (bit for bit) the numbers it gets alone.
+
+Special positions (position 0) keep their original activation in every variant, and
+predictions made *at* position 0 are not averaged: they cannot change, and would only
+dilute the differences.
 """
 
 from __future__ import annotations
@@ -45,6 +54,20 @@ def _target_nll(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     targets = ids[:, 2:].to(logp.device).repeat(n_var, 1)
     tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return -tok_lp.reshape(n_var, -1).double().sum(-1).cpu()
+
+
+def clean_pass(env: TaskEnv, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The unmodified model's next-token log-probs for one batch: the part of every
+    SAE's score that does not depend on the SAE, run once per batch for a group."""
+    return _pred_logprobs(env, x, ids)
+
+
+def _splice(sae: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The batch with the SAE's reconstruction at the kept positions only."""
+    b, _, d = x.shape
+    x_hat = x.clone()
+    x_hat[:, keep] = sae(x[:, keep].reshape(-1, d)).reshape(b, int(keep.sum()), d).to(x.dtype)
+    return x_hat
 
 
 @torch.no_grad()
@@ -87,41 +110,55 @@ class Downstream(Task):
         Metric("kl", "lower", abs_tol=0.02, rel_tol=0.02, headline=True),
     )
 
-    @torch.no_grad()
     def run(self, sae: torch.nn.Module, env: TaskEnv) -> TaskResult:
+        return self.run_many([sae], env)[0]
+
+    def _window(self, env: TaskEnv) -> tuple[int, int]:
+        """(sequences scored, sequences per batch): the same for every SAE of a group."""
         opts = env.task_options(self.name)
-        keep = torch.from_numpy(env.keep_positions)
-        per_seq = int(keep.sum())
+        per_seq = int(env.keep_positions.sum())
         max_tokens = int(opts.get("max_tokens", env.n_eval_tokens))
         n_seq = min(env.eval_acts.shape[0], max(1, -(-max_tokens // per_seq)))
-        seqs_per_batch = int(opts.get("seqs_per_batch", 4))
-        nll = torch.zeros(2, dtype=torch.float64)
-        kl_sum = 0.0
+        return n_seq, int(opts.get("seqs_per_batch", 4))
+
+    @torch.no_grad()
+    def run_many(self, saes: list[torch.nn.Module], env: TaskEnv) -> list[TaskResult]:
+        """Score several SAEs with one clean pass per batch; each result equals the SAE's
+        alone. All the SAEs are used batch by batch, so all must be in memory."""
+        n_seq, seqs_per_batch = self._window(env)
+        keep = torch.from_numpy(env.keep_positions)
+        nll_clean = torch.zeros(1, dtype=torch.float64)
+        nll_sae = torch.zeros(len(saes), dtype=torch.float64)
+        kl_sum = [0.0] * len(saes)
         n_pred = 0
         for x, ids in _batches(env, n_seq, seqs_per_batch):
-            b, _, d = x.shape
-            x_hat = x.clone()
-            x_hat[:, keep] = sae(x[:, keep].reshape(-1, d)).reshape(b, per_seq, d).to(x.dtype)
-            logp = _pred_logprobs(env, torch.cat([x, x_hat]), ids)
-            nll += _target_nll(logp, ids)
-            lp_clean, lp_sae = logp[:b], logp[b:]
-            kl = (lp_clean.exp() * (lp_clean - lp_sae)).sum(-1)
-            kl_sum += float(kl.double().sum())
-            n_pred += b * (ids.shape[1] - 2)
-        ce_clean, ce_sae = (float(v) / n_pred for v in nll)
+            lp_clean = clean_pass(env, x, ids)
+            nll_clean += _target_nll(lp_clean, ids)
+            p_clean = lp_clean.exp()
+            for i, sae in enumerate(saes):
+                lp_sae = _pred_logprobs(env, _splice(sae, x, keep), ids)
+                nll_sae[i] += _target_nll(lp_sae, ids)[0]
+                kl = (p_clean * (lp_clean - lp_sae)).sum(-1)
+                kl_sum[i] += float(kl.double().sum())
+            n_pred += x.shape[0] * (ids.shape[1] - 2)
         ce_zero, ce_mean = ablation_losses(env, n_seq, seqs_per_batch)
-        metrics = {
-            "ce_clean": ce_clean,
-            "ce_sae": ce_sae,
-            "ce_zero": ce_zero,
-            "ce_mean": ce_mean,
-            "ce_loss_recovered": _recovered(ce_zero, ce_sae, ce_clean),
-            "ce_loss_recovered_mean_ablation": _recovered(ce_mean, ce_sae, ce_clean),
-            "delta_ce": ce_sae - ce_clean,
-            "kl": kl_sum / n_pred,
-        }
+        ce_clean = float(nll_clean[0]) / n_pred
         details = {"n_sequences": n_seq, "predicted_tokens": n_pred, "ablation": "zero and mean"}
-        return TaskResult(metrics, details, eval_tokens=n_pred)
+        out = []
+        for i in range(len(saes)):
+            ce_sae = float(nll_sae[i]) / n_pred
+            metrics = {
+                "ce_clean": ce_clean,
+                "ce_sae": ce_sae,
+                "ce_zero": ce_zero,
+                "ce_mean": ce_mean,
+                "ce_loss_recovered": _recovered(ce_zero, ce_sae, ce_clean),
+                "ce_loss_recovered_mean_ablation": _recovered(ce_mean, ce_sae, ce_clean),
+                "delta_ce": ce_sae - ce_clean,
+                "kl": kl_sum[i] / n_pred,
+            }
+            out.append(TaskResult(metrics, dict(details), eval_tokens=n_pred))
+        return out
 
 
 def _recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float:

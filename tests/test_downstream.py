@@ -213,20 +213,15 @@ def test_special_position_keeps_its_activation(tiny_llama, ds_ids, ds_train_mean
     assert torch.equal(seen, torch.from_numpy(env.eval_acts[:, 1:].reshape(-1, d)))
 
     # Every variant keeps the original activation at position 0, so the logits there match
-    # the clean model's in every variant.
+    # the clean model's in every variant. Per batch of sequences (4, then 1): the clean
+    # pass, then the SAE's; then the zero and mean variants stacked, once per run.
     with torch.no_grad():
         clean_logits = tiny_llama.logits(ds_ids)
-    # Each call stacks two variants: (clean, SAE) per SAE, then (zero, mean) once per run.
-    start = 0
-    for acts, logits in calls:
-        b = acts.shape[0] // 2
-        x0 = torch.from_numpy(env.eval_acts[start : start + b, 0])
-        for v in range(2):
-            assert torch.equal(acts[v * b : (v + 1) * b, 0], x0)
-            pos0 = logits[v * b : (v + 1) * b, 0]
-            assert (pos0 - clean_logits[start : start + b, 0]).abs().max() < 1e-5
-        start = (start + b) % N_SEQ
-    assert len(calls) == 4  # 2 batches for the SAE pass + 2 for the ablation pass
+    rows = [[0, 1, 2, 3], [0, 1, 2, 3], [4], [4], [0, 1, 2, 3] * 2, [4] * 2]
+    assert [a.shape[0] for a, _ in calls] == [len(r) for r in rows]
+    for (acts, logits), seqs in zip(calls, rows, strict=True):
+        assert torch.equal(acts[:, 0], torch.from_numpy(env.eval_acts[seqs, 0]))
+        assert (logits[:, 0] - clean_logits[seqs, 0]).abs().max() < 1e-5
 
 
 def test_max_tokens_limits_whole_sequences(tiny_llama, ds_ids, ds_train_mean):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dictbench import eval_shared, evaluate
+from dictbench import eval_groups, eval_shared, evaluate
 from dictbench.records import read_records
 from dictbench.sae_io import CONFIG, WEIGHTS
 from dictbench.subject import SubjectModel
@@ -143,6 +143,36 @@ def test_sae_independent_results_are_stored_and_reused(three, tiny_spec_file, co
     assert counted["ablations"] == 2
     (rec3,) = read_records(base / "third")
     assert rec3["metrics"]["ce_zero"] == rec["metrics"]["ce_zero"]
+
+
+def test_the_clean_pass_is_shared_by_the_group_and_chunks_keep_the_records(
+    three, tiny_spec_file, monkeypatch
+):
+    """Two SAEs at one hook: one clean downstream pass per batch for both. Held one at a
+    time (a memory budget of 0 bytes) each pays its own, and the records do not change."""
+    calls: list[int] = []
+    real_clean = downstream.clean_pass
+
+    def counting_clean(env, x, ids):
+        calls.append(x.shape[0])
+        return real_clean(env, x, ids)
+
+    monkeypatch.setattr(downstream, "clean_pass", counting_clean)
+    saes = [three / "saes" / "s0", three / "saes" / "s1"]
+    kw = dict(spec_path=str(tiny_spec_file), tasks=["downstream"])
+    together = evaluate.evaluate_many(saes, out=three / "together", **kw)
+    recs = {r["sae_id"]: r for r in read_records(together)}
+    n_seq = recs["s0"]["details"]["n_sequences"]
+    n_batches = -(-n_seq // 4)  # the task's default of 4 sequences per batch
+    assert n_batches >= 2 and sum(calls) == n_seq
+    assert len(calls) == n_batches
+    assert recs["s0"]["wall_seconds"] > 0 and recs["s1"]["wall_seconds"] > 0
+
+    monkeypatch.setattr(eval_groups, "together_budget", lambda device: 0)
+    apart = evaluate.evaluate_many(saes, out=three / "apart", **kw)
+    assert len(calls) == 3 * n_batches  # this call: n_batches for each of the two
+    assert metrics(apart) == metrics(together)
+    assert metrics(together)[("s0", "downstream")] != metrics(together)[("s1", "downstream")]
 
 
 class _Store:

@@ -7,9 +7,10 @@ Modes (each measured in a process of its own, so peak RSS is its own):
 
     python scripts/perf/lockstep_sweep.py --compare --tokens 500000 --saes 5 --rounds 2
     python scripts/perf/lockstep_sweep.py --rss-curve --tokens 250000 1000000 4000000
+    python scripts/perf/lockstep_sweep.py --compare --sweep e2e --saes 3 --tokens 8192 --batch 128
     python scripts/perf/lockstep_sweep.py --mode stream --device cuda --saes 4 --tokens 2000000
 
---compare runs the modes interleaved round by round and writes results/perf/lockstep.csv;
+--compare runs the modes interleaved round by round and writes results/perf/lockstep_<sweep>.csv;
 --rss-curve runs stream mode at each token count (peak RSS should stay flat). The
 corpus must hold the tokens asked for (the embedded one has about 2.2M training tokens).
 """
@@ -31,18 +32,28 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("l1", "topk", "batchtopk", "gated", "jumprelu", "l1_april")
 
 
-def _plans(n: int) -> list:
+E2E_SPARSITY = (3.0, 10.0, 30.0)  # the README reproduction's three e2e settings
+
+
+def _plans(n: int, sweep: str) -> list:
+    """``n`` local SAEs of different methods, or (``sweep`` "e2e") ``n`` e2e settings."""
     from dictbench.registry import get_baseline
     from dictbench.runner import PlannedSAE
 
     out = []
     for i in range(n):
+        if sweep == "e2e":
+            params = {"sparsity_coefficient": E2E_SPARSITY[i % 3], "lr": 1e-3}
+            out.append(PlannedSAE(f"e2e-{i}", "e2e", get_baseline("e2e"), params))
+            continue
         method = METHODS[i % len(METHODS)]
         out.append(PlannedSAE(f"{method}-{i}", method, get_baseline(method), {}))
     return out
 
 
-def measure(mode: str, tokens: int, n_saes: int, device: str, d_sae: int, batch: int) -> dict:
+def measure(
+    mode: str, tokens: int, n_saes: int, device: str, d_sae: int, batch: int, sweep: str
+) -> dict:
     """Train ``n_saes`` SAEs on ``tokens`` tokens in one mode; wall, RSS, disk, tokens/s."""
     import torch
 
@@ -74,7 +85,7 @@ def measure(mode: str, tokens: int, n_saes: int, device: str, d_sae: int, batch:
             data = TrainingData(store, subject, spec.hook, None, "", int(store.acts.shape[1]))
         disk = sum(p.stat().st_size for p in (tmp / "cache").rglob("*") if p.is_file())
         run = RunFolder(tmp / "out", lambda m: None, False)
-        plans = _plans(n_saes)
+        plans = _plans(n_saes, sweep)
         groups = [plans] if mode != "sequential" else [[p] for p in plans]
         for g in groups:
             train_planned(g, spec, data, [device], run)
@@ -85,6 +96,7 @@ def measure(mode: str, tokens: int, n_saes: int, device: str, d_sae: int, batch:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "mode": mode,
+        "sweep": sweep,
         "tokens": tokens,
         "saes": n_saes,
         "device": device,
@@ -100,7 +112,7 @@ def measure(mode: str, tokens: int, n_saes: int, device: str, d_sae: int, batch:
 def _child(mode: str, tokens: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--mode", mode, "--tokens", str(tokens)]
     cmd += ["--saes", str(args.saes), "--device", args.device]
-    cmd += ["--d-sae", str(args.d_sae), "--batch", str(args.batch)]
+    cmd += ["--d-sae", str(args.d_sae), "--batch", str(args.batch), "--sweep", args.sweep]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -116,10 +128,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--d-sae", type=int, default=4608)
     ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument(
+        "--sweep",
+        choices=("local", "e2e"),
+        default="local",
+        help="local: one SAE per local method; e2e: e2e SAEs at sparsity 3, 10, 30 "
+        "(they share the clean pass of the later layers in lockstep)",
+    )
     ap.add_argument("--out", default=str(ROOT / "results" / "perf"))
     args = ap.parse_args()
     if args.mode:
-        res = measure(args.mode, args.tokens[0], args.saes, args.device, args.d_sae, args.batch)
+        res = measure(
+            args.mode, args.tokens[0], args.saes, args.device, args.d_sae, args.batch, args.sweep
+        )
         print(json.dumps(res))
         return
     rows = []
@@ -133,7 +154,8 @@ def main() -> None:
             rows.append(_child("stream", n, args))
             print(json.dumps(rows[-1]), flush=True)
     if rows:
-        out = Path(args.out) / ("lockstep.csv" if args.compare else "lockstep_rss.csv")
+        name = "lockstep_rss.csv" if not args.compare else f"lockstep_{args.sweep}.csv"
+        out = Path(args.out) / name
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))

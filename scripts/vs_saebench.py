@@ -1,0 +1,189 @@
+"""`dictbench eval` against SAEBench 0.6's core eval: same SAEs, equal token counts.
+
+Each side scores the same SAELens-layout folders (random l1 SAEs made by dictbench,
+d_sae --d-sae, at resid_post.6 of the embedded SmolLM2-135M-Instruct, written with
+`dictbench export --format saelens`) as a fresh process: once with one SAE, once with
+--saes of them in one call. Recorded: wall time and peak resident memory of each
+process (``os.wait4``'s rusage of that child alone), and the load average.
+
+Equal token counts: SAEBench runs --batches x --prompts sequences of 128 tokens for its
+CE/KL metrics and as many for its sparsity and variance metrics; dictbench gets
+``eval.tokens`` = ``eval.downstream_tokens`` = the same number of tokens (its windows
+are 128 tokens with BOS, its counts exclude BOS). dictbench starts cold too: an empty
+activation cache, so its harvest is timed. Its mean-ablation baseline needs the mean
+of as many training tokens, also harvested; SAEBench ablates with zeros only.
+
+Setup, once: `make saebench-setup` (SAEBench, SAELens and TransformerLens in
+.venv-saebench, never in dictbench's environment). Then, from dictbench's venv:
+
+    python scripts/vs_saebench.py --saes 8                  # 4+4 batches of 16 x 128
+    python scripts/vs_saebench.py --saes 8 --batches 1      # a quicker check
+
+The model reaches SAEBench by its hub id through a private Hugging Face cache built
+here from the embedded model's de-quantised weights (HF_HUB_OFFLINE=1); the data is
+the embedded corpus written as a local jsonl folder. The CSV goes to
+--out/vs_saebench.csv. Take figures on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "perf"))
+import perf_common as pc  # noqa: E402
+
+from dictbench import model_cache, saelens  # noqa: E402
+from dictbench.baselines.l1 import L1Config, L1SAE  # noqa: E402
+from dictbench.corpus import embedded_corpus_files  # noqa: E402
+from dictbench.sae_io import save_sae  # noqa: E402
+from dictbench.subject import EMBEDDED_MODEL, ModelSpec, _load_pretrained  # noqa: E402
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ROOT = Path(__file__).resolve().parents[1]
+PEER_PYTHON = ROOT / ".venv-saebench" / "bin" / "python"
+
+
+def make_hub_cache(hf_home: Path) -> None:
+    """HF_HOME/hub/models--.../snapshots/<rev>/ with the embedded model as a plain float32
+    checkpoint (the de-quantised GGUF weights, lm_head tied) and its tokenizer."""
+    repo = hf_home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
+    rev = hashlib.sha1(b"dictbench embedded smollm2").hexdigest()
+    model, tok = _load_pretrained(ModelSpec(name=EMBEDDED_MODEL, device="cpu"))
+    model_cache.write_copy(repo / "snapshots" / rev, model, tok.tok)
+    gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    (repo / "snapshots" / rev / "generation_config.json").write_text(json.dumps(gen))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(rev)
+
+
+def make_dataset(folder: Path) -> None:
+    """The embedded corpus as one jsonl file: one speech per row (a text dataset, which
+    SAELens's offline tokenizer check accepts; a pretokenized one it does not)."""
+    folder.mkdir(parents=True)
+    with open(folder / "sotu.jsonl", "w") as fh:
+        for path in embedded_corpus_files():
+            fh.write(json.dumps({"text": Path(path).read_text()}) + "\n")
+
+
+def make_saes(folder: Path, n: int, d_sae: int, ctx: int) -> list[Path]:
+    """n random l1 SAEs saved by dictbench and exported to SAELens's layout, cfg.json
+    naming the model by its hub id (for SAEBench; dictbench reads its own key)."""
+    out = []
+    for i in range(n):
+        torch.manual_seed(i)
+        sae = L1SAE(L1Config(d_in=576, d_sae=d_sae))
+        own = folder / "dictbench" / f"sae{i}"
+        save_sae(sae, own, {"hook": "resid_post.6", "model": EMBEDDED_MODEL, "sae_id": f"sae{i}"})
+        exported = saelens.export(own, folder / "saelens" / f"sae{i}")
+        cfg = json.loads((exported / "cfg.json").read_text())
+        cfg.update(model_name=HUB_ID, context_size=ctx, prepend_bos=True)
+        (exported / "cfg.json").write_text(json.dumps(cfg, indent=2))
+        out.append(exported)
+    return out
+
+
+def measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one child process; its output goes to ``log``."""
+    with open(log, "w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{tail}")
+    return wall, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def saebench_cmd(saes: list[Path], work: Path, out: Path, args) -> list[str]:
+    return [
+        str(PEER_PYTHON), str(ROOT / "scripts" / "saebench_core.py"), *map(str, saes),
+        "--data", str(work / "data"), "--out", str(out),
+        "--batches", str(args.batches), "--prompts", str(args.prompts), "--ctx", str(args.ctx),
+    ]  # fmt: skip
+
+
+def dictbench_cmd(saes: list[Path], out: Path, tokens: int) -> list[str]:
+    return [
+        sys.executable, "-m", "dictbench.cli", "eval", *map(str, saes), "--out", str(out),
+        "--preset", "quickstart",
+        "--set", f"eval.tokens={tokens}", "--set", f"eval.downstream_tokens={tokens}",
+    ]  # fmt: skip
+
+
+def headline(side: str, out: Path) -> float | None:
+    """The first SAE's CE-loss score, as each side reports it (a sanity check, not a
+    comparison: the two sides score different token sets)."""
+    try:
+        if side == "SAEBench":
+            (path,) = sorted(out.glob("*sae0_custom_sae_eval_results.json"))
+            res = json.loads(path.read_text())["eval_result_metrics"]
+            return float(res["model_performance_preservation"]["ce_loss_score"])
+        rec = json.loads((out / "results" / "sae0" / "downstream.json").read_text())
+        return float(rec["metrics"]["ce_loss_recovered"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def run_all(saes: list[Path], work: Path, args) -> list[dict]:
+    tokens = args.batches * args.prompts * args.ctx
+    base = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    peer_env = {**base, "HF_HOME": str(work / "hf"), "HF_DATASETS_OFFLINE": "1"}
+    peer_env["WANDB_MODE"] = "disabled"
+    rows = []
+    for n in (1, len(saes)) if len(saes) > 1 else (1,):
+        for side in ("SAEBench", "dictbench"):
+            out = work / f"{side}-{n}"
+            if side == "SAEBench":
+                cmd, env = saebench_cmd(saes[:n], work, out, args), peer_env
+            else:  # a fresh activation cache: cold, as SAEBench always is
+                env = {**base, "DICTBENCH_CACHE": str(work / f"cache-{n}")}
+                cmd = dictbench_cmd(saes[:n], out, tokens)
+            load0 = pc.load_average()
+            wall, rss = measured(cmd, env, work / f"{side}-{n}.log")
+            load1 = pc.load_average()
+            print(f"{side:>9}, {n} SAE(s): {wall:.1f} s, peak RSS {rss:.0f} MiB (load {load0:.1f})")
+            rows.append({
+                "side": side, "saes": n, "tokens": tokens, "wall_s": wall,
+                "s_per_sae": wall / n, "peak_rss_mib": rss, "ce_score_sae0": headline(side, out),
+                "load_before": load0, "load_after": load1, "cpus": os.cpu_count(),
+            })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    p = pc.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--saes", type=int, default=8)
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--batches", type=int, default=4, help="SAEBench batches per metric group")
+    p.add_argument("--prompts", type=int, default=16, help="sequences per batch")
+    p.add_argument("--ctx", type=int, default=128, help="dictbench's quickstart window")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
+    args = p.parse_args()
+    if not PEER_PYTHON.exists():
+        raise SystemExit(f"{PEER_PYTHON} not found: run `make saebench-setup` first")
+    work = args.work or Path(tempfile.mkdtemp(prefix="vs_saebench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"scratch folder {work}: hub cache, data, SAEs ...")
+    make_hub_cache(work / "hf")
+    make_dataset(work / "data")
+    saes = make_saes(work / "saes", args.saes, args.d_sae, args.ctx)
+    rows = run_all(saes, work, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pc.write_csv(pd.DataFrame(rows), args.out / "vs_saebench.csv")
+    print(f"wrote {args.out / 'vs_saebench.csv'}; logs and outputs in {work}")
+
+
+if __name__ == "__main__":
+    main()

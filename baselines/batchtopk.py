@@ -22,7 +22,6 @@ import torch
 from dictbench.baselines.base import (
     SAELensExport,
     saelens_export_as,
-    saelens_tensors,
 )
 from dictbench.baselines.topk import TopKConfig, TopKSAE
 from dictbench.distributed import gather_across, min_across, rank, rows_across, sum_across

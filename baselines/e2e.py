@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from dictbench.baselines.base import (
     Baseline,
@@ -29,7 +28,6 @@ from dictbench.baselines.base import (
     SAELensExport,
     fold_biases,
     saelens_export_as,
-    saelens_tensors,
     warmup_factor,
 )
 from dictbench.baselines.init import (
@@ -71,9 +69,7 @@ class E2ESAE(Baseline):
     def __init__(self, cfg: E2EConfig):
         super().__init__(cfg)
         self.cfg: E2EConfig = cfg
-        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.W_dec, self.W_enc, self.b_enc, self.b_dec = tied_init(cfg.d_in, cfg.d_sae)
         self.downstream = None  # set by the trainer for the duration of training
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,6 @@ from dictbench.baselines.base import (
     SAELensExport,
     fold_biases,
     saelens_export_as,
-    saelens_tensors,
     warmup_factor,
 )
 from dictbench.baselines.dense_ops import (
@@ -61,7 +60,6 @@ from dictbench.baselines.init import (
     project_out_radial_grad,
     renormalise_rows_,
     tied_init,
-    unit_rows,
 )
 from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
 from dictbench.registry import register_baseline
@@ -109,11 +107,11 @@ class GatedSAE(Baseline):
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
         self.cfg: GatedConfig = cfg
-        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
+        self.W_dec, self.W_enc, _, b_dec = tied_init(cfg.d_in, cfg.d_sae)
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_dec = b_dec  # registered last, as before: the optimiser's parameter order
 
     # --- encoder pieces --------------------------------------------------------------
     def pre_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,13 +11,18 @@ def unit_rows(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def tied_init(d_in: int, d_sae: int, decoder_norm: float = 1.0) -> tuple[nn.Parameter, ...]:
-    """``(W_dec, W_enc)`` of a fresh SAE: decoder rows in random directions of norm
-    ``decoder_norm``, the encoder their transpose, so every latent starts out reading
-    the direction it writes. One ``torch.randn`` draw: a seed gives the same weights
-    whichever method asks."""
+    """``(W_dec, W_enc, b_enc, b_dec)`` of a fresh SAE: decoder rows in random directions
+    of norm ``decoder_norm``, the encoder their transpose (so every latent starts out
+    reading the direction it writes), zero biases. One ``torch.randn`` draw: a seed
+    gives the same weights whichever method asks."""
     w = torch.randn(d_sae, d_in)
     w_dec = decoder_norm * w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    return nn.Parameter(w_dec), nn.Parameter(w_dec.t().clone())
+    return (
+        nn.Parameter(w_dec),
+        nn.Parameter(w_dec.t().clone()),
+        nn.Parameter(torch.zeros(d_sae)),
+        nn.Parameter(torch.zeros(d_in)),
+    )
 
 
 def project_out_radial_grad(w: torch.nn.Parameter) -> None:

@@ -50,13 +50,11 @@ from dictbench.baselines.base import (
     UnitNormDecoder,
     fold_biases,
     saelens_export_as,
-    saelens_tensors,
     warmup_factor,
 )
 from dictbench.baselines.dense_ops import centred_encoder
 from dictbench.baselines.init import (
     tied_init,
-    unit_rows,
 )
 from dictbench.registry import register_baseline
 
@@ -133,10 +131,8 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
         self.cfg: JumpReLUConfig = cfg
-        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
-        # Gemma Scope initialises both biases at zero.
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        # Gemma Scope initialises both biases at zero, as tied_init does.
+        self.W_dec, self.W_enc, self.b_enc, self.b_dec = tied_init(cfg.d_in, cfg.d_sae)
         # sqrt(E||x||^2) of the training inputs: converts the paper's units to ours.
         self.input_rms = math.sqrt(cfg.d_in)
         self.log_threshold = nn.Parameter(

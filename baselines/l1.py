@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from dictbench.baselines.base import (
     Baseline,
@@ -29,13 +28,11 @@ from dictbench.baselines.base import (
     UnitNormDecoder,
     fold_biases,
     saelens_export_as,
-    saelens_tensors,
     warmup_factor,
 )
 from dictbench.baselines.init import (
     geometric_median,
     tied_init,
-    unit_rows,
 )
 from dictbench.baselines.sparse_ops import relu_sae_terms
 from dictbench.registry import register_baseline
@@ -65,9 +62,7 @@ class L1SAE(UnitNormDecoder, Baseline):
     def __init__(self, cfg: L1Config):
         super().__init__(cfg)
         self.cfg: L1Config = cfg
-        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.W_dec, self.W_enc, self.b_enc, self.b_dec = tied_init(cfg.d_in, cfg.d_sae)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)

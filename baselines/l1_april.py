@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from dictbench.baselines.base import (
     Baseline,
@@ -32,7 +31,6 @@ from dictbench.baselines.base import (
     SAELensExport,
     fold_biases,
     saelens_export_as,
-    saelens_tensors,
     warmup_factor,
 )
 from dictbench.baselines.init import (
@@ -78,9 +76,8 @@ class L1AprilSAE(Baseline):
     def __init__(self, cfg: L1AprilConfig):
         super().__init__(cfg)
         self.cfg: L1AprilConfig = cfg
-        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae, cfg.init_decoder_norm)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        params = tied_init(cfg.d_in, cfg.d_sae, cfg.init_decoder_norm)
+        self.W_dec, self.W_enc, self.b_enc, self.b_dec = params
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x @ self.W_enc + self.b_enc)

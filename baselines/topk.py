@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from dictbench.baselines.auxk import data_variance, sparse_auxk_loss
 from dictbench.baselines.base import (
@@ -29,12 +28,10 @@ from dictbench.baselines.base import (
     UnitNormDecoder,
     fold_biases,
     saelens_export_as,
-    saelens_tensors,
 )
 from dictbench.baselines.init import (
     geometric_median,
     tied_init,
-    unit_rows,
 )
 from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
 from dictbench.distributed import any_across, rows_across
@@ -73,9 +70,7 @@ class TopKSAE(UnitNormDecoder, Baseline):
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
         self.cfg: TopKConfig = cfg
-        self.W_dec, self.W_enc = tied_init(cfg.d_in, cfg.d_sae)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.W_dec, self.W_enc, self.b_enc, self.b_dec = tied_init(cfg.d_in, cfg.d_sae)
         # Training tokens since each latent last fired; a buffer so it survives state_dict.
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
 

@@ -27,17 +27,17 @@ every global batch from it as before. Why this design:
   same, so the activations are bit-identical to one process's and to the cache;
 - forwarding only the windows whose tokens land in a rank's slices would save nothing
   for token batches: the token shuffle spreads a rank's rows over almost every window
-  of the block (a window has ctx_len - 1 kept tokens; the chance that none of them
-  falls in one rank's half is 2^-(ctx_len - 1)); for whole-window batches it would
-  forward windows in chunks other than the harvest's, and batched matmuls are not
-  bit-identical across batch compositions;
+  of the block (a window has ctx_len - 1 kept tokens; with two ranks, the chance that
+  none of them falls in one rank's half is about 2^-(ctx_len - 1)); for whole-window
+  batches it would forward windows in chunks other than the harvest's, and a batched
+  forward is not guaranteed to give the same bits for a window in another batch;
 - an exchange of only the rows each rank trains on would move W times less (a rank
   receives about (W-1)/W^2 of a block instead of (W-1)/W), but every reader of the
   stream (the scale and initialisation samples, the first block's mean, resumed runs,
   window batches) would have to declare its rows in advance; sharing the block keeps
-  them all unchanged. The traffic is one block of float32 per block of forward work
-  (buffer_tokens x d_model x 4 bytes, 1.6 GB for 2^19 tokens of a 768-wide model),
-  over gloo in host memory, beside a forward of buffer_tokens / W tokens per rank;
+  them all unchanged. Each rank receives (W-1)/W of every block (a block is
+  buffer_tokens x d_model x 4 bytes: 1.6 GB for 2^19 tokens of a 768-wide model), over
+  gloo in host memory, where it saves the forward of (W-1)/W of the block's tokens;
 - every rank reads the blocks in the same order at the same step: a batch reader names
   the global batch it is part of (``within``), and every block that batch touches is
   read by every rank, even one whose own slice lies in the block before.

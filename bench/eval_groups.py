@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from dictbench.cache import ActivationStore, default_cache_root, prepare, run_ha
 from dictbench.errors import UserError
 from dictbench.group_scoring import Member, chunks, parameter_bytes, score_members, shares_passes
 from dictbench.resources import available_gpu_bytes, available_ram_bytes
-from dictbench.runner import build_env, record_context
+from dictbench.scoring import build_env, record_context
 from dictbench.spec import RunSpec
 from dictbench.subject import SubjectModel
 

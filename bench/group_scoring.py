@@ -24,7 +24,7 @@ import torch
 
 from dictbench import faults
 from dictbench.records import write_record
-from dictbench.runner import score_sae
+from dictbench.scoring import score_sae
 from dictbench.tasks.base import TaskEnv, TaskSkipped
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dictbench.atomic import file_sha256, fsync_dir
+from dictbench.atomic import _umask, file_sha256, fsync_dir
 
 STAMP = "dictbench-gguf-copy.json"  # written last: its presence marks a complete copy
 Loader = Callable[[], tuple[Any, Any]]  # () -> (model, tokenizer), from the GGUF file
@@ -58,7 +58,7 @@ def _read_copy(folder: Path) -> tuple[Any, Any] | None:
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32")
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError):
+    except Exception:  # safetensors, tokenizers and json each raise their own kind
         return None  # damaged: load from the GGUF file and write a new copy
     return model, tok
 
@@ -78,6 +78,9 @@ def write_copy(folder: Path, model: Any, tok: Any) -> None:
         save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head
         tok.save_pretrained(str(tmp))
         (tmp / STAMP).write_text(json.dumps({"source": "gguf", "dtype": "float32"}))
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; a cache is shared like any file
+        for f in tmp.iterdir():
+            f.chmod(mode)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first: its copy is as good
@@ -86,6 +89,17 @@ def write_copy(folder: Path, model: Any, tok: Any) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Temporary copies left by processes that died while writing one (~0.5 GB each)."""
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
+        try:
+            os.kill(int(tmp.name.rsplit(".", 2)[-2]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _enough_room(where: Path, model: Any) -> bool:
@@ -109,10 +123,11 @@ def load(gguf_path: Path, root: Path | None, from_gguf: Loader) -> tuple[Any, An
     model, tok = from_gguf()
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(folder)
         if _enough_room(folder.parent, model):
             if folder.exists():  # a damaged copy: replace it
                 shutil.rmtree(folder, ignore_errors=True)
             write_copy(folder, model, tok)
-    except OSError:
+    except (OSError, RuntimeError, ValueError):
         pass  # an unwritable or full cache only costs the GGUF load next time
     return model, tok

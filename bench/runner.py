@@ -69,6 +69,11 @@ def _run_lock(out: Path) -> RunLock | _NoLock:
     return RunLock(out) if distributed.is_main() else _NoLock()
 
 
+def _needs_subject(p: PlannedSAE) -> bool:
+    """Whether the method trains through the subject model past the hook (e2e)."""
+    return bool(getattr(p.cls, "needs_downstream", False))
+
+
 def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = None) -> Path:
     """Run ``spec`` end to end. With ``resume``, continue the interrupted run in its out
     folder: finished SAEs and task records are kept, training continues from its last
@@ -80,6 +85,8 @@ def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = Non
     if shard is not None:
         planned = shard_saes(planned, shard)
     distributed.refuse_unsupported(planned, spec.budget.batch_size, sequence_windows(spec))
+    if spec.synthetic is not None and all(_needs_subject(p) for p in planned):
+        raise UserError("baselines: every baseline needs a subject model; a synthetic run has none")
     default_out = Path("runs") / (
         spec.name if shard is None else f"{spec.name}-shard{shard[0]}of{shard[1]}"
     )
@@ -90,16 +97,30 @@ def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = Non
 
         groups = Counter(group_key(p, spec) for p in planned)  # SAEs in memory at once
         check_before_model_load(spec, out, max(groups.values()))
+    created = not out.exists()
     check_writable(out)
     ctx = RunContext(spec, planned, out, resume, shard_info, t_start)
-    # The folder lock is taken before the model loads: a second run into the same folder
-    # is refused at once, and two runs started together cannot both pass the checks.
-    with _run_lock(out) as lock:
-        if lock.took_over:
-            log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
-        if spec.synthetic is not None:
-            return _run_synthetic(ctx)
-        return _load_and_run(ctx)
+    try:
+        # The folder lock is taken before the model loads: a second run into the same
+        # folder is refused at once, and two runs started together cannot both pass the
+        # checks.
+        with _run_lock(out) as lock:
+            if lock.took_over:
+                log(f"note: an earlier run in {out} ({lock.took_over}) ended without finishing")
+            if spec.synthetic is not None:
+                return _run_synthetic(ctx)
+            return _load_and_run(ctx)
+    except UserError:
+        if created and distributed.is_main():  # refused before writing: leave no folder
+            _remove_if_empty(out)
+        raise
+
+
+def _remove_if_empty(out: Path) -> None:
+    try:
+        out.rmdir()  # only ever an empty folder: anything written stays
+    except OSError:
+        pass
 
 
 def _load_and_run(run: RunContext) -> Path:
@@ -139,14 +160,12 @@ def _run_synthetic(run: RunContext) -> Path:
     harvest. Methods that train through the model past the hook cannot run here."""
     spec, syn = run.spec, run.spec.synthetic
     assert syn is not None
-    kept = []
+    kept = []  # not empty: ``run`` refused a spec of such methods only
     for p in run.planned:
-        if getattr(p.cls, "needs_downstream", False):
+        if _needs_subject(p):
             log(f"skipping {p.sae_id}: it trains through a subject model; synthetic runs have none")
         else:
             kept.append(p)
-    if not kept:
-        raise UserError("baselines: every baseline needs a subject model; a synthetic run has none")
     t = time.perf_counter()
     log(
         f"generating synthetic activations: {syn.n_features} features in {syn.d_in} dimensions, "

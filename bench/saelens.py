@@ -265,13 +265,6 @@ def _meta(cfg: dict[str, Any], key: str) -> Any:
     return cfg.get(key, meta.get(key))
 
 
-def _int_field(cfg: dict[str, Any], key: str, where: Path) -> int:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{where}: '{key}' must be a positive integer, got {value!r}")
-    return value
-
-
 def _architecture(cfg: dict[str, Any], where: Path) -> tuple[str, int | None]:
     arch = cfg.get("architecture") or "standard"
     # SAELens 6 names no activation: the architecture implies it.
@@ -314,6 +307,9 @@ def _check_supported(cfg: dict[str, Any], where: Path) -> None:
 
 
 def read_info(folder: Path, cfg: dict[str, Any]) -> SAELensInfo:
+    # Imported here: dictbench.formats reads SAELens modules, so it imports this module.
+    from dictbench.formats.base import positive_int
+
     where = folder / CONFIG
     _check_supported(cfg, where)
     arch, k = _architecture(cfg, where)
@@ -322,8 +318,8 @@ def read_info(folder: Path, cfg: dict[str, Any]) -> SAELensInfo:
     meta = cfg.get("dictbench")
     return SAELensInfo(
         architecture=arch,
-        d_in=_int_field(cfg, "d_in", where),
-        d_sae=_int_field(cfg, "d_sae", where),
+        d_in=positive_int(cfg.get("d_in"), "d_in", where),
+        d_sae=positive_int(cfg.get("d_sae"), "d_sae", where),
         hook_name=hook_name,
         hook=from_tl_hook(hook_name),
         model_name=_meta(cfg, "model_name"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -134,16 +135,23 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, origin: str) -> dict[str, Any]:
-    from dictbench import safe_yaml  # aliases, duplicate keys and empty files refused
-
+def _spec_mapping(load: Callable[[], Any], origin: Any) -> dict[str, Any]:
+    """A YAML document that must be a mapping: the loader's refusals (aliases,
+    duplicate keys, empty or unreadable files) and any other shape become one-line
+    SpecErrors naming ``origin``."""
     try:
-        data = safe_yaml.loads(text, origin)
+        data = load()
     except UserError as e:
         raise SpecError(str(e)) from None
     if not isinstance(data, dict):
         raise SpecError(f"{origin}: the spec must be a YAML mapping")
     return data
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    from dictbench import safe_yaml
+
+    return _spec_mapping(lambda: safe_yaml.loads(text, origin), origin)
 
 
 def read_spec_file(spec_path: str, flag: str = "spec") -> dict[str, Any]:
@@ -154,13 +162,7 @@ def read_spec_file(spec_path: str, flag: str = "spec") -> dict[str, Any]:
     path = Path(spec_path)
     if not path.is_file():
         raise SpecError(f"{flag}: no such file '{spec_path}'")
-    try:
-        data = safe_yaml.load_path(path)
-    except UserError as e:
-        raise SpecError(str(e)) from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: the spec must be a YAML mapping")
-    return data
+    return _spec_mapping(lambda: safe_yaml.load_path(path), path)
 
 
 def load_preset_dict(name: str) -> dict[str, Any]:

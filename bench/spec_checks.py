@@ -137,7 +137,9 @@ def _check_tasks(spec: RunSpec, registry: Any) -> None:
         return
     for i, task in enumerate(spec.tasks):
         if getattr(registry.get_task(task), "needs_ground_truth", False):
-            raise SpecError(f"tasks[{i}]: {task} needs a known dictionary; add a synthetic: section")
+            raise SpecError(
+                f"tasks[{i}]: {task} needs a known dictionary; add a synthetic: section"
+            )
 
 
 def _check_run_settings(spec: RunSpec) -> None:

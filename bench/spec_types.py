@@ -17,6 +17,7 @@ from dictbench.synthetic import SyntheticSpec
 # budget.source auto: stream when the training cache would be larger than this.
 STREAM_ABOVE_BYTES = 4 << 30
 
+
 @dataclass
 class BudgetSpec:
     """The common budget every SAE in a run trains under."""

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -151,14 +152,36 @@ def _load_pretrained(spec: ModelSpec) -> tuple[nn.Module, HFTokenizer]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        if spec.name == EMBEDDED_MODEL:
+            model, tok = _load_embedded(where)
+        else:
+            tok = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.name: cannot load '{spec.name}': {first}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
     return model, HFTokenizer(tok, spec.name)
+
+
+def _load_embedded(where: str) -> tuple[nn.Module, Any]:
+    """The embedded model in float32 (``SubjectModel.load`` casts it to the spec's dtype),
+    read from its de-quantised copy in the dictbench cache, which the first load writes:
+    parsing and de-quantising the GGUF file is most of a cold start (dictbench.model_cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dictbench import model_cache
+    from dictbench.cache import default_cache_root
+
+    def from_gguf() -> tuple[nn.Module, Any]:
+        tok = AutoTokenizer.from_pretrained(where, gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch.float32, gguf_file=_GGUF_FILE
+        )
+        return model, tok
+
+    return model_cache.load(Path(where) / _GGUF_FILE, default_cache_root(), from_gguf)
 
 
 class SubjectModel:

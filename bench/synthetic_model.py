@@ -152,6 +152,19 @@ class Coefficients:
     values: np.ndarray  # [nnz] float32
     n_features: int
 
+    @classmethod
+    def from_chunks(
+        cls, indptr: list[np.ndarray], indices: list[np.ndarray], values: list[np.ndarray], n: int
+    ) -> Coefficients:
+        """The CSR arrays of chunks generated one after another (``indptr`` starts with
+        [0] and holds each chunk's row ends, already offset); no chunk at all is no pair."""
+        return cls(
+            indptr=np.concatenate(indptr),
+            indices=np.concatenate(indices) if indices else np.zeros(0, np.int32),
+            values=np.concatenate(values) if values else np.zeros(0, np.float32),
+            n_features=n,
+        )
+
     @property
     def n_tokens(self) -> int:
         return len(self.indptr) - 1
@@ -195,10 +208,4 @@ def sample(
         nnz += len(rows)
         indices.append(cols.astype(np.int32))
         values.append(vals)
-    coefs = Coefficients(
-        indptr=np.concatenate(indptr),
-        indices=np.concatenate(indices) if indices else np.zeros(0, np.int32),
-        values=np.concatenate(values) if values else np.zeros(0, np.float32),
-        n_features=spec.n_features,
-    )
-    return acts, coefs
+    return acts, Coefficients.from_chunks(indptr, indices, values, spec.n_features)

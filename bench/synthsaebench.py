@@ -197,13 +197,7 @@ def sample(
             nnz += len(rows)
             indices.append(cols.numpy().astype(np.int32))
             values.append((feats[rows, cols] * scale[cols]).float().numpy())
-    coefs = Coefficients(
-        indptr=np.concatenate(indptr),
-        indices=np.concatenate(indices) if indices else np.zeros(0, np.int32),
-        values=np.concatenate(values) if values else np.zeros(0, np.float32),
-        n_features=n_feat,
-    )
-    return acts, coefs
+    return acts, Coefficients.from_chunks(indptr, indices, values, n_feat)
 
 
 def make_stores(

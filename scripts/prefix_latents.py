@@ -69,13 +69,15 @@ def rows_for_run(run: Path) -> list[dict[str, Any]]:
                 "baseline": cfg["baseline"],
                 "kind": kind,
                 "n": len(latents),
-                "first_16th_share": sum(sh for sh, e in zip(shares, ends, strict=True)
-                                        if e <= d_sae // 16),
-                "first_16th_chance": sum(c for c, e in zip(chance, ends, strict=True)
-                                         if e <= d_sae // 16),
+                "first_16th_share": sum(
+                    sh for sh, e in zip(shares, ends, strict=True) if e <= d_sae // 16
+                ),
+                "first_16th_chance": sum(
+                    c for c, e in zip(chance, ends, strict=True) if e <= d_sae // 16
+                ),
             }
             for (s, e), sh in zip(zip(starts, ends, strict=True), shares, strict=True):
-                row[f"share_{s}_{e}"] = round(sh, 4)
+                row[f"share_{s}_{e}"] = sh
             rows.append(row)
     return rows
 
@@ -95,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             f"first 1/16: {r['first_16th_share']:.3f} (chance {r['first_16th_chance']:.3f})"
         )
     if args.csv:
-        fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
-                        if k in rows[0] else len(rows[0]))
+        fields = sorted(
+            {k for r in rows for k in r},
+            key=lambda k: list(rows[0]).index(k) if k in rows[0] else len(rows[0]),
+        )
         tmp = args.csv.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)

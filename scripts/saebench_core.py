@@ -55,7 +55,8 @@ def main() -> int:
         device="cpu",
         force_rerun=True,
     )
-    missing = [n for n, _ in selected if not (args.out / f"{n}_custom_sae_eval_results.json").is_file()]
+    results = {n: args.out / f"{n}_custom_sae_eval_results.json" for n, _ in selected}
+    missing = [n for n, path in results.items() if not path.is_file()]
     if missing:
         print(f"SAEBench skipped (its eval raised): {', '.join(missing)}", file=sys.stderr)
         return 2

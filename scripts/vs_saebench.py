@@ -10,8 +10,10 @@ Equal token counts: SAEBench runs --batches x --prompts sequences of 128 tokens 
 CE/KL metrics and as many for its sparsity and variance metrics; dictbench gets
 ``eval.tokens`` = ``eval.downstream_tokens`` = the same number of tokens (its windows
 are 128 tokens with BOS, its counts exclude BOS). dictbench starts cold too: an empty
-activation cache, so its harvest is timed. Its mean-ablation baseline needs the mean
-of as many training tokens, also harvested; SAEBench ablates with zeros only.
+activation cache, so its harvest is timed; only the model's de-quantised copy is there
+(dictbench.model_cache writes it once per machine, as the float32 checkpoint SAEBench
+reads is made once). Its mean-ablation baseline needs the mean of as many training
+tokens, also harvested; SAEBench ablates with zeros only.
 
 Setup, once: `make saebench-setup` (SAEBench, SAELens and TransformerLens in
 .venv-saebench, never in dictbench's environment). Then, from dictbench's venv:
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "perf"))
 import perf_common as pc  # noqa: E402
 
 from dictbench import model_cache, saelens  # noqa: E402
-from dictbench.baselines.l1 import L1Config, L1SAE  # noqa: E402
+from dictbench.baselines.l1 import L1SAE, L1Config  # noqa: E402
 from dictbench.corpus import embedded_corpus_files  # noqa: E402
 from dictbench.sae_io import save_sae  # noqa: E402
 from dictbench.subject import EMBEDDED_MODEL, ModelSpec, _load_pretrained  # noqa: E402
@@ -136,6 +138,16 @@ def headline(side: str, out: Path) -> float | None:
         return None
 
 
+def cold_cache(work: Path, n: int) -> Path:
+    """An empty activation cache (dictbench harvests, as SAEBench computes, every
+    activation) that holds the model's de-quantised copy: written once per machine, as
+    SAEBench's side reads the float32 checkpoint made from the same weights."""
+    root = work / f"cache-{n}"
+    root.mkdir()
+    (root / "models").symlink_to(Path(os.environ["DICTBENCH_CACHE"]) / "models")
+    return root
+
+
 def run_all(saes: list[Path], work: Path, args) -> list[dict]:
     tokens = args.batches * args.prompts * args.ctx
     base = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -147,8 +159,8 @@ def run_all(saes: list[Path], work: Path, args) -> list[dict]:
             out = work / f"{side}-{n}"
             if side == "SAEBench":
                 cmd, env = saebench_cmd(saes[:n], work, out, args), peer_env
-            else:  # a fresh activation cache: cold, as SAEBench always is
-                env = {**base, "DICTBENCH_CACHE": str(work / f"cache-{n}")}
+            else:
+                env = {**base, "DICTBENCH_CACHE": str(cold_cache(work, n))}
                 cmd = dictbench_cmd(saes[:n], out, tokens)
             load0 = pc.load_average()
             wall, rss = measured(cmd, env, work / f"{side}-{n}.log")
@@ -170,12 +182,18 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16, help="sequences per batch")
     p.add_argument("--ctx", type=int, default=128, help="dictbench's quickstart window")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
+    p.add_argument(
+        "--model-cache", type=Path, default=None,
+        help="a dictbench cache folder whose de-quantised model copy to reuse (default: new)",
+    )  # fmt: skip
     args = p.parse_args()
     if not PEER_PYTHON.exists():
         raise SystemExit(f"{PEER_PYTHON} not found: run `make saebench-setup` first")
     work = args.work or Path(tempfile.mkdtemp(prefix="vs_saebench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"scratch folder {work}: hub cache, data, SAEs ...")
+    # where the model's copy is read or written once; cold_cache links it
+    os.environ["DICTBENCH_CACHE"] = str((args.model_cache or work / "model-cache").resolve())
     make_hub_cache(work / "hf")
     make_dataset(work / "data")
     saes = make_saes(work / "saes", args.saes, args.d_sae, args.ctx)

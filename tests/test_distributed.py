@@ -253,7 +253,8 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_spec_data, torch_one_th
         {"method": "batchtopk", "params": {"k": 4, "dead_tokens_threshold": 240}},
         {"method": "e2e"},
     ]
-    spec = _spec_file(tmp_path, data, batch_size=240)
+    # The cache source named (stream mode: tests/test_distributed_stream.py).
+    spec = _spec_file(tmp_path, data, batch_size=240, source="cache")
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main(["run", str(spec), "--out", str(one)]) == 0
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -269,6 +270,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_spec_data, torch_one_th
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads((two / "run.json").read_text())
     assert info["status"] == "complete" and info["data_parallel"]["world_size"] == 2
+    assert info["training_source"] == "cache"
     assert res.stdout.count("results in") == 1  # rank 0 alone reports
     for sae_id in ("l1", "batchtopk", "e2e"):
         want, got = _weights(one, sae_id), _weights(two, sae_id)

@@ -157,6 +157,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, config: dict) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    os.environ[distributed.TIMEOUT_ENV] = "3"  # ranks out of step fail, not hang for a day
     torch.set_num_threads(1)
     distributed.init("cpu")
     try:
@@ -189,7 +190,9 @@ def one_process(tiny_llama) -> dict:
     """The references: the same reads and training with the model run over every window."""
     source = _stream(tiny_llama, shared=False)
     buffer = ShuffleBuffer(source, KEEP, _block(), 0)
-    rows = [_slices(buffer, 2, r) for r in range(2)]  # the whole batches, cut in two
+    n = TOKENS.batch_size
+    whole = [buffer.tokens(s * n, (s + 1) * n) for s in range(TOKENS.train_tokens // n)]
+    rows = [torch.cat([b[: n // 2] for b in whole]), torch.cat([b[n // 2 :] for b in whole])]
     weights, forwarded = _train(tiny_llama, lambda: _stream(tiny_llama, False))
     return {"rows": rows, "batches": source.windows_forwarded, "training": forwarded, **weights}
 

@@ -4,7 +4,8 @@ Each step computes the encoder matmul once and then takes a dense path (fused
 encoder backward) or, when few latents fire, a sparse path through the firing pairs
 (baselines/dense_ops.py, baselines/sparse_ops.py). Both must give the loss and every
 parameter's gradient of the formula written out here, at densities on both sides of
-the switch; the gated auxiliary term must still leave W_dec and b_dec alone.
+the switch; the gated auxiliary term must still leave W_dec and b_dec alone. Each
+kernel against the plain formula beside it is tests/test_kernel_reference.py's.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import torch
 
 from dictbench import registry
 from dictbench.baselines import dense_ops
-from dictbench.baselines.dense_ops import centred_encoder, relu_path_is_sparse
+from dictbench.baselines.dense_ops import relu_path_is_sparse
 from dictbench.baselines.gated import GatedConfig, GatedSAE
 from dictbench.baselines.l1 import L1SAE, L1Config
 from dictbench.baselines.l1_april import L1AprilConfig, L1AprilSAE
-from dictbench.baselines.sparse_ops import Pairs, pairs_decode, pairs_encoder
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -46,23 +46,6 @@ def path(request, monkeypatch):
 
 def data(seed: int = 0) -> torch.Tensor:
     return torch.randn(B, D_IN, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3
-
-
-def test_centred_encoder_matches_plain_autograd():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(B, D_IN, generator=g)
-    params = [
-        torch.randn(s, generator=g, requires_grad=True) for s in [(D_IN,), (D_IN, D_SAE), (D_SAE,)]
-    ]
-    b_dec, W_enc, b_enc = params
-    weight = torch.randn(B, D_SAE, generator=g)
-    got = centred_encoder(x, b_dec, W_enc, b_enc)
-    want = (x - b_dec) @ W_enc + b_enc
-    torch.testing.assert_close(got, want)
-    g_got = torch.autograd.grad((got * weight).sum(), params)
-    g_want = torch.autograd.grad((want * weight).sum(), params)
-    for a, b in zip(g_got, g_want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -110,32 +93,6 @@ def test_the_density_of_a_large_matrix_is_judged_on_a_row_sample(monkeypatch):
     assert relu_path_is_sparse(z)
     z[0] = 1.0  # a sampled row fully firing: 8 of 64 sampled entries
     assert not relu_path_is_sparse(z)
-
-
-def test_pairs_kernels_equal_dense_products_with_empty_rows():
-    g = torch.Generator().manual_seed(5)
-    z = torch.relu(torch.randn(6, D_SAE, generator=g) - 1.0)
-    z[2] = 0.0  # a token with no firing latent
-    pairs, vals = Pairs.of_nonzeros(z)
-    W_dec = torch.randn(D_SAE, D_IN, generator=g, requires_grad=True)
-    v = vals.clone().requires_grad_(True)
-    out = pairs_decode(pairs, v, W_dec)
-    torch.testing.assert_close(out, z @ W_dec, rtol=1e-5, atol=1e-5)
-    weight = torch.randn(6, D_IN, generator=g)
-    gv, gw = torch.autograd.grad((out * weight).sum(), [v, W_dec])
-    rows, cols = z.nonzero(as_tuple=True)
-    torch.testing.assert_close(gv, (weight @ W_dec.t())[rows, cols], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gw, z.t() @ weight, rtol=1e-5, atol=1e-5)
-    # The encoder gradient at the pairs: (x - b_dec)^T G with G zero off the pairs.
-    x = torch.randn(6, D_IN, generator=g)
-    W_enc = torch.randn(D_IN, D_SAE, generator=g, requires_grad=True)
-    b_dec = torch.randn(D_IN, generator=g, requires_grad=True)
-    pre = pairs_encoder(pairs, vals, x, b_dec, W_enc)
-    ge, gb = torch.autograd.grad(pre.pow(2).sum(), [W_enc, b_dec])
-    G = torch.zeros_like(z)
-    G[rows, cols] = 2 * vals
-    torch.testing.assert_close(ge, (x - b_dec).t() @ G, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gb, -(W_enc @ G.sum(0)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("b_enc_shift", [0.0, -2.5])  # about half / a few latents fire

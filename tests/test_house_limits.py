@@ -23,9 +23,14 @@ CHECKED = ("bench", "baselines", "tasks")
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
-# Functions over the limit in files another change owns right now; each is to be split
-# by that change, and this list shrinks to nothing. Keyed "path::qualified name".
-ALLOWED_LONG_FUNCTIONS: dict[str, str] = {}
+# Functions over the limit in files that other changes own right now (the commands and
+# the feature-recovery task); each owner splits its own, and this list shrinks to
+# nothing. Keyed "path::qualified name", valued by why it is here.
+ALLOWED_LONG_FUNCTIONS: dict[str, str] = {
+    "bench/cli.py::build_parser": "63 lines; the CLI is being reworked elsewhere",
+    "bench/commands/leaderboard.py::_run": "62 lines; owned by the leaderboard command",
+    "tasks/feature_recovery.py::FeatureRecovery.run": "93 lines; owned by its task",
+}
 
 
 def file_lines(text: str) -> int:
@@ -59,13 +64,13 @@ def sources() -> list[Path]:
 def test_the_checker_sees_what_it_must():
     """Hand-built sources: a 61-line function and a nested 61-line one are flagged, a
     60-line one and a long class body of short methods are not."""
-    body = "\n".join(f"    x{i} = {i}" for i in range(59))
+    body = "\n".join(f"    x{i} = {i}" for i in range(58))
     sixty = f"def ok():\n{body}\n    return 0\n"
     assert file_lines(sixty) == 60
     assert long_functions(sixty) == {}
     sixty_one = f"def too_long():\n{body}\n    y = 1\n    return y\n"
     assert long_functions(sixty_one) == {"too_long": 61}
-    nested_body = "\n".join(f"        x{i} = {i}" for i in range(60))
+    nested_body = "\n".join(f"            x{i} = {i}" for i in range(60))
     nested = f"class C:\n    def outer(self):\n        def inner():\n{nested_body}\n"
     assert long_functions(nested) == {"C.outer": 62, "C.outer.inner": 61}
     methods = "".join(f"    def m{i}(self):\n        return {i}\n" for i in range(40))

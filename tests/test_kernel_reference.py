@@ -28,7 +28,7 @@ import torch
 from dictbench.baselines import dense_ops, sparse_ops
 from dictbench.baselines.gated import GatedConfig, GatedSAE
 from dictbench.baselines.sparse_ops import Pairs
-from tests.test_fast_paths import B, D_IN, D_SAE, data
+from tests.test_fast_paths import D_IN, D_SAE, B, data
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -92,7 +92,7 @@ def relu_sae_terms_case(g: torch.Generator, side: str) -> Case:
     where, method = side.split()
     x = data(5)
     sae = SimpleNamespace(W_enc=leaf(g, D_IN, D_SAE, scale=0.3), b_dec=leaf(g, D_IN))
-    sae.W_dec = (torch.randn(D_SAE, D_IN, generator=g) * (torch.rand(D_SAE, 1) + 0.5))
+    sae.W_dec = torch.randn(D_SAE, D_IN, generator=g) * (torch.rand(D_SAE, 1) + 0.5)
     sae.W_dec.requires_grad_(True)  # rows of different norms, for the weighted penalty
     centred = method == "l1"
     with torch.no_grad():
@@ -194,8 +194,18 @@ FAMILIES: dict[str, tuple[Callable[..., Case], Callable, Callable, tuple[str, ..
         lambda sae, x: sae.loss_terms(x, one_matmul=False),
         ("dense", "sparse"),
     ),
-    "pairs_encoder": (pairs_case, sparse_ops.pairs_encoder, sparse_ops.pairs_encoder_reference, ("-",)),
-    "pairs_decode": (pairs_case, sparse_ops.pairs_decode, sparse_ops.pairs_decode_reference, ("decode",)),
+    "pairs_encoder": (
+        pairs_case,
+        sparse_ops.pairs_encoder,
+        sparse_ops.pairs_encoder_reference,
+        ("-",),
+    ),
+    "pairs_decode": (
+        pairs_case,
+        sparse_ops.pairs_decode,
+        sparse_ops.pairs_decode_reference,
+        ("decode",),
+    ),
     "selected_preacts": (
         selected_case,
         sparse_ops.selected_preacts,
@@ -221,15 +231,18 @@ def tensors(out: Any) -> list[torch.Tensor]:
     return [t for item in out for t in tensors(item)]
 
 
-def loss_and_grads(outs: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The value of sum_i <G_i, out_i> (fixed random G_i) and its gradient w.r.t. every
-    parameter (zeros where none flows)."""
+def loss_and_grads(
+    outs: list[torch.Tensor], use: list[bool], params: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The value of sum_i <G_i, out_i> over the outputs ``use`` marks (fixed random
+    G_i) and its gradient w.r.t. every parameter (zeros where none flows)."""
     g = torch.Generator().manual_seed(99)
-    loss = sum(
-        (torch.randn(o.shape, generator=g) * o).sum() for o in outs if o.requires_grad
-    )
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [loss.detach()] + [torch.zeros_like(p) if d is None else d for p, d in zip(params, grads)]
+    weights = [torch.randn(o.shape, generator=g) for o in outs]
+    loss = sum((w * o).sum() for w, o, u in zip(weights, outs, use, strict=True) if u)
+    # retain_graph: inputs built once (the gated row norms) feed both sides.
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    zeros = [torch.zeros_like(p) if d is None else d for p, d in zip(params, grads, strict=True)]
+    return [loss.detach(), *zeros]
 
 
 CASES = [(name, side) for name, (*_, sides) in FAMILIES.items() for side in sides]
@@ -247,7 +260,10 @@ def test_kernel_equals_its_reference_formula(family: str, side: str):
     assert len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"output {i}")
-    got_lg, want_lg = loss_and_grads(got, case.params), loss_and_grads(want, case.params)
+    # Outputs with a graph on both sides (the latents f are data to the loss).
+    use = [a.requires_grad and b.requires_grad for a, b in zip(got, want, strict=True)]
+    assert any(use)
+    got_lg, want_lg = loss_and_grads(got, use, case.params), loss_and_grads(want, use, case.params)
     names = ["loss"] + [f"grad {i}" for i in range(len(case.params))]
     for name, a, b in zip(names, got_lg, want_lg, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

@@ -114,9 +114,7 @@ def test_csv_matched_l0_over_seeds(csv_frame, method):
     assert lo_setting.endswith("k=1")
     per_seed = [loglin(TARGET, *a, *b) for a, b in zip(low_pts, high_pts, strict=True)]
     mean, _, low, high = t_interval(per_seed)
-    row = _one(
-        csv_frame, section="matched_l0_seeds", method=method, metric="explained_variance"
-    )
+    row = _one(csv_frame, section="matched_l0_seeds", method=method, metric="explained_variance")
     assert row["target_l0"] == TARGET and row["n_seeds"] == 3 and row["interval"] == "t95"
     assert row["mean"] == pytest.approx(mean)
     slack = table_slack(per_seed)

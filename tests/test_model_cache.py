@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +69,8 @@ def test_the_copy_is_written_once_and_read_back_exactly(tmp_path, gguf):
     text = "we will and the union"
     assert second_tok.encode(text) == first_tok.encode(text) == [6, 7, 5, 1, 2]
     # the tied head stays tied after the round trip
-    assert second_model.lm_head.weight.data_ptr() == second_model.model.embed_tokens.weight.data_ptr()
+    head, embed = second_model.lm_head.weight, second_model.model.embed_tokens.weight
+    assert head.data_ptr() == embed.data_ptr()
 
 
 def test_a_changed_file_gets_a_new_copy(tmp_path, gguf):
@@ -101,6 +103,18 @@ def test_a_damaged_or_unfinished_copy_costs_only_the_gguf_load(tmp_path, gguf):
     assert len(calls) == 3
 
 
+def test_a_copy_abandoned_mid_write_is_removed(tmp_path, gguf):
+    root = tmp_path / "cache"
+    folder = model_cache.copy_folder(root, gguf)
+    dead = folder.parent / f".{folder.name}.999999999.tmp"  # no such process
+    alive = folder.parent / f".{folder.name}.{os.getppid()}.tmp"  # a live process
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+    load, _ = counting_loader()
+    model_cache.load(gguf, root, load)
+    assert not dead.exists() and alive.exists() and (folder / model_cache.STAMP).is_file()
+
+
 def test_no_root_means_no_copy(tmp_path, gguf):
     load, calls = counting_loader()
     model_cache.load(gguf, None, load)
@@ -125,6 +139,10 @@ def test_the_embedded_model_from_its_copy_gives_identical_logits(tmp_path, monke
     assert from_copy.tokenizer.encode(text) == ids
     assert from_copy.tokenizer.bos_token_id == from_gguf.tokenizer.bos_token_id
     assert from_copy.tokenizer.vocab_size == from_gguf.tokenizer.vocab_size
+    from dictbench.corpus import embedded_corpus_files
+
+    speech = Path(embedded_corpus_files()[0]).read_text()
+    assert from_copy.tokenizer.encode(speech) == from_gguf.tokenizer.encode(speech)
     batch = torch.tensor([[from_gguf.tokenizer.bos_token_id, *ids]])
     with torch.no_grad():
         assert torch.equal(from_copy.logits(batch), from_gguf.logits(batch))

@@ -121,6 +121,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("stream", "cache", "sequential"))
     ap.add_argument("--compare", action="store_true")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("sequential", "stream", "cache"),
+        default=["sequential", "stream", "cache"],
+        help="the modes --compare runs, in this order each round",
+    )
     ap.add_argument("--rss-curve", action="store_true")
     ap.add_argument("--tokens", type=int, nargs="+", default=[500_000])
     ap.add_argument("--saes", type=int, default=5)
@@ -138,15 +145,19 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "perf"))
     args = ap.parse_args()
     if args.mode:
+        from dictbench import wait_policy
+
+        policy = wait_policy.choose()  # what `dictbench run` would choose, before torch loads
         res = measure(
             args.mode, args.tokens[0], args.saes, args.device, args.d_sae, args.batch, args.sweep
         )
+        res["wait_policy"] = policy
         print(json.dumps(res))
         return
     rows = []
     if args.compare:
         for _ in range(args.rounds):
-            for mode in ("sequential", "stream", "cache"):
+            for mode in args.modes:
                 rows.append(_child(mode, args.tokens[0], args))
                 print(json.dumps(rows[-1]), flush=True)
     if args.rss_curve:

@@ -9,7 +9,9 @@ parameters, the optimiser and the step function (tests/benchmarks/bench_helpers.
 group, which must cost what batchtopk costs (same arithmetic).
 
 Timings on a shared machine drift; the script prints the load average seen while it
-ran. Take the figure from a quiet machine.
+ran. Take the figure from a quiet machine. Its pytest-benchmark twin, which times the
+same three steps one after another, is tests/benchmarks/test_bench_matryoshka.py
+(``python -m pytest tests/benchmarks/test_bench_matryoshka.py --benchmark-only``).
 
     python scripts/perf/matryoshka_step.py                 # d_in 576, d_sae 4608, B 4096
     python scripts/perf/matryoshka_step.py --rounds 3 --sizes 4608 18432

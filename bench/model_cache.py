@@ -74,6 +74,9 @@ def write_copy(folder: Path, model: Any, tok: Any) -> None:
     try:
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        # The GGUF-loaded config names no class; loaders that read it (TransformerLens) need one.
+        cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head
         tok.save_pretrained(str(tmp))

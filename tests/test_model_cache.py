@@ -4,6 +4,7 @@ back bit for bit, keyed by the file, replaced when damaged, never half-written."
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def test_the_copy_is_written_once_and_read_back_exactly(tmp_path, gguf):
     folder = model_cache.copy_folder(root, gguf)
     assert (folder / model_cache.STAMP).is_file()
     assert not [p for p in folder.parent.iterdir() if p.name.endswith(".tmp")]
+    # a plain checkpoint other loaders read too (TransformerLens wants the class named)
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     a, b = first_model.state_dict(), second_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(logits(first_model, first_tok), logits(second_model, second_tok))

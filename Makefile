@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dictbench-installed
 
-.PHONY: docs setup bench-setup bench-vs-saelens saebench-setup bench-vs-saebench quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
+.PHONY: test-long docs setup bench-setup bench-vs-saelens saebench-setup bench-vs-saebench quickstart smoke test check-smoke check-synthetic results reference-smoke reference-synthetic lint clean
 
 # Committed reference runs: every results/<run>/ folder that has a run.json.
 REFERENCE_RUNS = $(sort $(patsubst %/run.json,%,$(wildcard results/*/run.json)))
@@ -63,6 +63,11 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check bench baselines tasks tests scripts
 	$(BIN)/python -m pytest -q
+
+# The tests marked slow (the real SmolLM2 model, multi-process kill and resume, torchrun
+# in stream mode): several minutes, left out of `make test`; CI runs both.
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 # Regression gate: the smoke preset, then `dictbench check` against the committed reference.
 check-smoke: $(STAMP)

@@ -149,6 +149,8 @@ def cold_cache(work: Path, n: int) -> Path:
 
 
 def run_all(saes: list[Path], work: Path, args) -> list[dict]:
+    """Every (side, number of SAEs) run; the CSV is rewritten after each, so an
+    interrupted comparison keeps what it measured."""
     tokens = args.batches * args.prompts * args.ctx
     base = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     peer_env = {**base, "HF_HOME": str(work / "hf"), "HF_DATASETS_OFFLINE": "1"}
@@ -171,6 +173,7 @@ def run_all(saes: list[Path], work: Path, args) -> list[dict]:
                 "s_per_sae": wall / n, "peak_rss_mib": rss, "ce_score_sae0": headline(side, out),
                 "load_before": load0, "load_after": load1, "cpus": os.cpu_count(),
             })  # fmt: skip
+            pc.write_csv(pd.DataFrame(rows), args.out / "vs_saebench.csv")
     return rows
 
 
@@ -197,9 +200,8 @@ def main() -> None:
     make_hub_cache(work / "hf")
     make_dataset(work / "data")
     saes = make_saes(work / "saes", args.saes, args.d_sae, args.ctx)
-    rows = run_all(saes, work, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    pc.write_csv(pd.DataFrame(rows), args.out / "vs_saebench.csv")
+    run_all(saes, work, args)
     print(f"wrote {args.out / 'vs_saebench.csv'}; logs and outputs in {work}")
 
 

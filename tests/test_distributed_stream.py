@@ -43,6 +43,8 @@ from dictbench.spec import BudgetSpec
 from dictbench.subject import ModelSpec, SubjectModel
 from dictbench.trainer import TrainRecord
 
+pytestmark = pytest.mark.slow  # minutes of multi-process runs: `make test-long`
+
 HOOK, CTX, N_WINDOWS = "resid_post.1", 16, 96
 KEEP = keep_positions(CTX)
 KEPT = int(KEEP.sum())  # 15: 96 windows hold 1,440 training tokens

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from reliability_helpers import KILLED, results_of, weights_of
 
+pytestmark = pytest.mark.slow  # minutes of multi-process runs: `make test-long`
+
 CHAIN = [
     ("stream:window=48", False),  # the model mid-forward, before step 0's batch is whole
     ("train:l1:step=7", True),  # mid-training; both SAEs have checkpoints at step 5

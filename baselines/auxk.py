@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
-from dictbench.distributed import mean_rows_across, rows_across, sum_across
+from dictbench.train.distributed import mean_rows_across, rows_across, sum_across
 
 
 def auxk_loss(

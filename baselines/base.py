@@ -18,7 +18,7 @@ from torch import nn
 
 from dictbench.baselines.init import project_out_radial_grad, renormalise_rows_
 
-# What ``saelens_export`` returns: (SAELens architecture, one of bench/saelens.py's
+# What ``saelens_export`` returns: (SAELens architecture, one of bench/io/saelens.py's
 # ARCHITECTURES; its tensors by SAELens name; extra SAELensSAE settings such as {"k": 32}
 # or {"apply_b_dec_to_input": False}).
 SAELensExport = tuple[str, dict[str, torch.Tensor], dict[str, Any]]
@@ -44,8 +44,8 @@ def saelens_export_as(
     """The usual body of a ``saelens_export``: the SAELens ``architecture``, the module's
     tensors that architecture has (by the same names; ``given`` ones replace or add the
     tensors the method stores in another form) and extra SAELensSAE ``settings``. Which
-    tensors an architecture has is said once, in bench/saelens_module.py."""
-    from dictbench.saelens_module import TENSORS
+    tensors an architecture has is said once, in bench/io/saelens_module.py."""
+    from dictbench.io.saelens_module import TENSORS
 
     names = tuple(n for n in TENSORS[architecture] if n not in given)
     return architecture, saelens_tensors(sae, names, **given), dict(settings or {})

@@ -24,8 +24,8 @@ from dictbench.baselines.base import (
     saelens_export_as,
 )
 from dictbench.baselines.topk import TopKConfig, TopKSAE
-from dictbench.distributed import gather_across, min_across, rank, rows_across, sum_across
 from dictbench.registry import register_baseline
+from dictbench.train.distributed import gather_across, min_across, rank, rows_across, sum_across
 
 
 @dataclass
@@ -41,7 +41,7 @@ class BatchTopKSAE(TopKSAE):
     config_class = BatchTopKConfig
     sparsity_knob = "k"
     # Checked: the loss is a mean over tokens, so a batch split across processes trains
-    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    # exactly as one (bench/train/distributed.py). Not inherited: a subclass checks it again.
     data_parallel_exact = True
 
     def saelens_export(self) -> SAELensExport:
@@ -128,7 +128,7 @@ def top_flat_indices(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
 
 def _global_top_indices(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
     """This process's share, as sorted flat indices, of the ``n_keep`` largest values of
-    the batch split across processes (bench/distributed.py): what one process would keep
+    the batch split across processes (bench/train/distributed.py): what one process would keep
     from the whole batch.
 
     Each rank's own top ``n_keep`` holds all of its entries in the global top, so their

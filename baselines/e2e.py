@@ -56,7 +56,7 @@ class E2ESAE(Baseline):
     config_class = E2EConfig
     sparsity_knob = "sparsity_coefficient"
     # Checked: the loss is a mean over tokens, so a batch split across processes trains
-    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    # exactly as one (bench/train/distributed.py). Not inherited: a subclass checks it again.
     data_parallel_exact = True
     needs_downstream = True
 

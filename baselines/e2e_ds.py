@@ -34,7 +34,7 @@ class E2EDSConfig(E2EConfig):
 class E2EDSSAE(E2ESAE):
     name = "e2e_ds"
     # Checked: the loss is a mean over tokens, so a batch split across processes trains
-    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    # exactly as one (bench/train/distributed.py). Not inherited: a subclass checks it again.
     data_parallel_exact = True
     config_class = E2EDSConfig
     clean_residuals = True  # its loss compares residual streams: the shared pass keeps them

@@ -121,7 +121,7 @@ class JumpReLUSAE(UnitNormDecoder, Baseline):
     config_class = JumpReLUConfig
     sparsity_knob = "l0_coefficient"
     # Checked: the loss is a mean over tokens, so a batch split across processes trains
-    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    # exactly as one (bench/train/distributed.py). Not inherited: a subclass checks it again.
     data_parallel_exact = True
 
     def saelens_export(self) -> SAELensExport:

@@ -52,7 +52,7 @@ class L1SAE(UnitNormDecoder, Baseline):
     config_class = L1Config
     sparsity_knob = "l1_coefficient"
     # Checked: the loss is a mean over tokens, so a batch split across processes trains
-    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    # exactly as one (bench/train/distributed.py). Not inherited: a subclass checks it again.
     data_parallel_exact = True
 
     def saelens_export(self) -> SAELensExport:

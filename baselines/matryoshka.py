@@ -136,5 +136,5 @@ class MatryoshkaSAE(BatchTopKSAE):
     def saelens_export(self) -> SAELensExport:
         """SAELens saves trained Matryoshka BatchTopK SAEs as JumpReLU SAEs; at inference
         this SAE is pre * 1[pre > t] with one threshold t >= 0, i.e. JumpReLU with every
-        latent's threshold t (as bench/saelens.py exports batchtopk)."""
+        latent's threshold t (as bench/io/saelens.py exports batchtopk)."""
         return BatchTopKSAE.saelens_export(self)

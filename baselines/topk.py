@@ -34,8 +34,8 @@ from dictbench.baselines.init import (
     tied_init,
 )
 from dictbench.baselines.sparse_ops import selected_preacts, sparse_decode
-from dictbench.distributed import any_across, rows_across
 from dictbench.registry import register_baseline
+from dictbench.train.distributed import any_across, rows_across
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TopKSAE(UnitNormDecoder, Baseline):
     config_class = TopKConfig
     sparsity_knob = "k"
     # Checked: the loss is a mean over tokens, so a batch split across processes trains
-    # exactly as one (bench/distributed.py). Not inherited: a subclass checks it again.
+    # exactly as one (bench/train/distributed.py). Not inherited: a subclass checks it again.
     data_parallel_exact = True
 
     def saelens_export(self) -> SAELensExport:
@@ -110,7 +110,7 @@ class TopKSAE(UnitNormDecoder, Baseline):
         From the pairs, not a dense [n_tokens, d_sae] matrix: at d_sae 36,864 building
         and scanning that matrix was a fifth of the step."""
         fired = self.fired_latents(cols, vals)
-        # Over the global batch when it is split across processes (bench/distributed.py),
+        # Over the global batch when it is split across processes (bench/train/distributed.py),
         # so every rank holds the same counts and AuxK picks the same dead latents.
         self.tokens_since_fired += rows_across(n_tokens)
         self.tokens_since_fired.masked_fill_(any_across(fired), 0)

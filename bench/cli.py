@@ -20,7 +20,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"out={args.out}")
     if args.resume and args.out and args.spec is None and args.preset is None:
-        from dictbench import resume
+        from dictbench.train import resume
 
         data = resume.recorded_spec_data(Path(args.out))  # the spec the run folder records
         spec.replace_baselines(data, args.baseline)
@@ -36,7 +36,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         resolved.seeds = list(range(args.seeds))
         spec.validate(resolved)
     shard = _parse_shard(args.shard) if args.shard else None
-    from dictbench import distributed
+    from dictbench.train import distributed
 
     # Under torchrun (WORLD_SIZE > 1) this process is one rank of a data-parallel run.
     distributed.init("cpu" if resolved.synthetic is not None else resolved.model.device)

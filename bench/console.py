@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dictbench import distributed
 from dictbench.errors import UserError
+from dictbench.train import distributed
 
 
 def log(msg: str) -> None:

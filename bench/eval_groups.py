@@ -3,7 +3,7 @@
 A group shares the subject model (loaded once per call, across groups), one set of
 evaluation activations, one mean-ablation store and one task environment, so the
 SAE-independent downstream passes are shared: the ablated ones run once per group
-(``env.shared``) and, through ``dictbench.eval_shared``, once per cache fingerprint
+(``env.shared``) and, through ``dictbench.score.eval_shared``, once per cache fingerprint
 across calls; the clean one runs once per batch for as many of the group's SAEs as fit
 in memory together (``dictbench.group_scoring``). ``prepare`` does every check before
 anything is written; ``score`` then writes the records.
@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dictbench import atomic, eval_shared, registry
-from dictbench.cache import ActivationStore, default_cache_root, prepare, run_harvest
+from dictbench import registry
+from dictbench.data.cache import ActivationStore, default_cache_root, prepare, run_harvest
+from dictbench.data.subject import SubjectModel
 from dictbench.errors import UserError
 from dictbench.group_scoring import Member, chunks, parameter_bytes, score_members, shares_passes
+from dictbench.io import atomic
 from dictbench.resources import available_gpu_bytes, available_ram_bytes
-from dictbench.scoring import build_env, record_context
+from dictbench.score import eval_shared
+from dictbench.score.scoring import build_env, record_context
 from dictbench.spec import RunSpec
-from dictbench.subject import SubjectModel
 
 
 def log(msg: str) -> None:

@@ -1,7 +1,7 @@
 """`dictbench eval`: score saved SAEs, dictbench's or any other library's, with dictbench's tasks.
 
 What it reads: dictbench, SAELens, sparsify, dictionary_learning and Gemma Scope
-folders, local or from the hub (``dictbench.formats``); many at once, grouped by the
+folders, local or from the hub (``dictbench.io.formats``); many at once, grouped by the
 spec they resolve to so that SAEs at one model and hook share everything that does
 not depend on the SAE (``dictbench.eval_groups``), with all records in one folder.
 
@@ -35,13 +35,15 @@ from typing import Any
 
 import torch
 
-from dictbench import __version__, atomic, formats, saelens
+from dictbench import __version__
 from dictbench.console import check_writable, log
+from dictbench.data.subject import SubjectModel
 from dictbench.errors import UserError
 from dictbench.eval_groups import Group, prepare_group, score
-from dictbench.formats import sources
-from dictbench.leaderboard import table
-from dictbench.sae_io import CONFIG, load_sae, read_config
+from dictbench.io import atomic, formats, saelens
+from dictbench.io.formats import sources
+from dictbench.io.sae_io import CONFIG, load_sae, read_config
+from dictbench.report.leaderboard import table
 from dictbench.spec import (
     DEFAULT_PRESET,
     BaselineEntry,
@@ -53,7 +55,6 @@ from dictbench.spec import (
     read_spec_file,
     validate,
 )
-from dictbench.subject import SubjectModel
 
 
 @dataclass
@@ -75,7 +76,7 @@ class LoadedSAE:
 
 
 def load_any(path: str | Path, trust_code: bool = False) -> LoadedSAE:
-    """An SAE folder in any supported format (see dictbench.formats); pickles refused,
+    """An SAE folder in any supported format (see dictbench.io.formats); pickles refused,
     except dictionary_learning's ae.pt, read with torch.load(weights_only=True)."""
     fmt, folder = formats.detect(path)
     if fmt != "saelens_layout":
@@ -223,7 +224,7 @@ def _groups(
 def load_sources(
     paths: list[str | Path], match: str | None = None, trust_code: bool = False
 ) -> list[LoadedSAE]:
-    """Every SAE the arguments name (see dictbench.formats.sources), loaded and checked,
+    """Every SAE the arguments name (see dictbench.io.formats.sources), loaded and checked,
     with ids made unique so that no two write the same records."""
     loaded = []
     for src in sources.expand([str(p) for p in paths], match):

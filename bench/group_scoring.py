@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from dictbench import faults
-from dictbench.records import write_record
-from dictbench.scoring import score_sae
+from dictbench.score.records import write_record
+from dictbench.score.scoring import score_sae
 from dictbench.tasks.base import TaskEnv, TaskSkipped
 
 

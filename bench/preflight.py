@@ -36,10 +36,10 @@ _CHUNK = 1 << 20
 def model_shape(model: Any) -> tuple[int, int] | None:
     """(num_hidden_layers, hidden_size) from the model's config alone, or None where the
     config cannot be had without the hub (the model load then reports the problem)."""
-    from dictbench import subject
+    from dictbench.data import subject
 
     if model.name == subject.EMBEDDED_MODEL:
-        from dictbench import gguf_header
+        from dictbench.data import gguf_header
 
         path = os.path.join(subject.embedded_model_folder(), subject._GGUF_FILE)
         return gguf_header.layer_count_and_width(path)
@@ -62,7 +62,7 @@ def model_shape(model: Any) -> tuple[int, int] | None:
 def check_hook(hook: str, n_layers: int | None) -> None:
     """The same rule (and message) as ``SubjectModel.stream_position``, on the config's
     layer count; with ``n_layers`` None only the form is checked."""
-    from dictbench.subject import _HOOK_RE, SubjectModel
+    from dictbench.data.subject import _HOOK_RE, SubjectModel
 
     if n_layers is None:
         if not _HOOK_RE.match(hook):
@@ -111,7 +111,7 @@ def check_text_file(path: str | Path) -> None:
 def check_corpus(corpus: Any) -> list[str]:
     """The local files the corpus will read (globs expanded), each checked; [] for a hub
     dataset, which only the load can check."""
-    from dictbench import corpus as corpus_mod
+    from dictbench.data import corpus as corpus_mod
 
     if corpus.name == corpus_mod.EMBEDDED_CORPUS:
         files = corpus_mod.embedded_corpus_files()
@@ -148,7 +148,7 @@ def check_out_writable(out: Path) -> None:
 def check_not_locked(out: Path) -> None:
     """Refuse now, not after the model load, when another run holds ``out``'s lock. Only
     probes (a held lock file always exists); the run takes the lock itself later."""
-    from dictbench import lock
+    from dictbench.io import lock
 
     if lock.fcntl is None:
         return

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dictbench import __version__, distributed
+from dictbench import __version__
 from dictbench.errors import UserError
 from dictbench.run_plan import RunContext
+from dictbench.train import distributed
 
 if TYPE_CHECKING:
-    from dictbench.subject import SubjectModel
+    from dictbench.data.subject import SubjectModel
 
 
 def versions() -> dict[str, str]:

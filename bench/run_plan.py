@@ -91,7 +91,7 @@ def shard_saes(planned: list[PlannedSAE], shard: tuple[int, int]) -> list[Planne
 
 def sequence_windows(spec: RunSpec) -> int:
     """Whole windows per step of the sequence-batch (e2e) methods, as trainer.train has it."""
-    from dictbench.corpus import keep_positions
+    from dictbench.data.corpus import keep_positions
 
     kept = int(keep_positions(spec.corpus.ctx_len).sum())
     return max(1, spec.budget.batch_size // kept)

@@ -2,7 +2,7 @@
 it holds the same spec, removes unfinished writes, and finishes SAEs that were
 trained before the interruption by scoring only their missing tasks.
 
-The folder-reading rules themselves (what counts as done) are ``dictbench.resume``'s.
+The folder-reading rules themselves (what counts as done) are ``dictbench.train.resume``'s.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dictbench import faults, resume
+from dictbench import faults
 from dictbench.console import log
+from dictbench.io.sae_io import WEIGHTS, load_sae
 from dictbench.run_plan import PlannedSAE
-from dictbench.sae_io import WEIGHTS, load_sae
-from dictbench.scoring import Scoring, score_sae
+from dictbench.score.scoring import Scoring, score_sae
 from dictbench.spec import RunSpec
+from dictbench.train import resume
 
 
 def previous_run(out: Path, spec: RunSpec) -> dict[str, Any] | None:

@@ -1,9 +1,9 @@
 """`dictbench run`: model -> corpus -> activation cache -> train each SAE -> score -> records.
 
 The steps, each in its own module: planning the SAEs (``dictbench.run_plan``), what
-run.json records (``dictbench.run_info``), scoring an SAE (``dictbench.scoring``),
+run.json records (``dictbench.run_info``), scoring an SAE (``dictbench.score.scoring``),
 continuing an interrupted run (``dictbench.run_resume``) and training in lockstep
-groups (``dictbench.run_training``). Here: the order they run in, under the run
+groups (``dictbench.train.run_training``). Here: the order they run in, under the run
 folder's lock.
 """
 
@@ -15,12 +15,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dictbench import atomic, distributed, faults, registry
-from dictbench.cache import ActivationStore, default_cache_root, prepare, run_harvest
+from dictbench import faults, registry
 from dictbench.console import check_writable, log
+from dictbench.data.cache import ActivationStore, default_cache_root, prepare, run_harvest
+from dictbench.data.subject import SubjectModel
+from dictbench.data.synthetic import make_stores, one_thread
 from dictbench.errors import UserError
-from dictbench.leaderboard import table
-from dictbench.lock import RunLock
+from dictbench.io import atomic
+from dictbench.io.lock import RunLock
+from dictbench.report.leaderboard import table
 from dictbench.resources import cache_bytes, require_disk
 from dictbench.run_info import describe_run
 from dictbench.run_plan import (  # noqa: F401 - re-exported: importers use these names
@@ -31,7 +34,16 @@ from dictbench.run_plan import (  # noqa: F401 - re-exported: importers use thes
     shard_saes,
 )
 from dictbench.run_resume import previous_run, resume_sae
-from dictbench.run_training import (
+from dictbench.score.scoring import (  # noqa: F401 - re-exported: importers use these names
+    Scoring,
+    build_env,
+    record_context,
+    sae_context,
+    score_sae,
+)
+from dictbench.spec import RunSpec
+from dictbench.train import distributed
+from dictbench.train.run_training import (
     RunFolder,
     TrainingData,
     choose_source,
@@ -40,17 +52,7 @@ from dictbench.run_training import (
     save_trained,
     train_planned,
 )
-from dictbench.scoring import (  # noqa: F401 - re-exported: importers use these names
-    Scoring,
-    build_env,
-    record_context,
-    sae_context,
-    score_sae,
-)
-from dictbench.spec import RunSpec
-from dictbench.subject import SubjectModel
-from dictbench.synthetic import make_stores, one_thread
-from dictbench.trainer import TrainingFailed
+from dictbench.train.trainer import TrainingFailed
 
 
 class _NoLock:
@@ -79,7 +81,7 @@ def run(spec: RunSpec, resume: bool = False, shard: tuple[int, int] | None = Non
     folder: finished SAEs and task records are kept, training continues from its last
     checkpoint, and the results equal those of an uninterrupted run. With ``shard`` (i, n),
     run only shard i of n of the sweep (see ``shard_saes``). Under torchrun every process
-    calls this; bench/distributed.py says who does what."""
+    calls this; bench/train/distributed.py says who does what."""
     t_start = time.perf_counter()
     planned = plan_saes(spec)
     if shard is not None:

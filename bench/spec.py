@@ -149,7 +149,7 @@ def _spec_mapping(load: Callable[[], Any], origin: Any) -> dict[str, Any]:
 
 
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
-    from dictbench import safe_yaml
+    from dictbench.io import safe_yaml
 
     return _spec_mapping(lambda: safe_yaml.loads(text, origin), origin)
 
@@ -157,7 +157,7 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
 def read_spec_file(spec_path: str, flag: str = "spec") -> dict[str, Any]:
     """A spec file as a mapping. A missing, unreadable, non-UTF-8, empty or hostile
     file is a one-line SpecError that starts with ``flag`` (how the user named it)."""
-    from dictbench import safe_yaml
+    from dictbench.io import safe_yaml
 
     path = Path(spec_path)
     if not path.is_file():
@@ -197,7 +197,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise SpecError(f"--set {assignment}: expected key=value")
     key, raw = assignment.split("=", 1)
-    from dictbench import safe_yaml
+    from dictbench.io import safe_yaml
 
     try:
         value = safe_yaml.loads(raw, f"--set {key}", allow_empty=True)

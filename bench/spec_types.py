@@ -10,9 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dictbench.corpus import CorpusSpec
-from dictbench.subject import ModelSpec
-from dictbench.synthetic import SyntheticSpec
+from dictbench.data.corpus import CorpusSpec
+from dictbench.data.subject import ModelSpec
+from dictbench.data.synthetic import SyntheticSpec
 
 # budget.source auto: stream when the training cache would be larger than this.
 STREAM_ABOVE_BYTES = 4 << 30
@@ -35,7 +35,7 @@ class BudgetSpec:
     # torch.autocast, so matmuls take bf16 inputs; weights, Adam and every evaluation
     # stay float32. None: float32 throughout.
     autocast: str | None = None
-    # Where training activations come from (bench/batch_stream.py). "cache": harvested
+    # Where training activations come from (bench/train/batch_stream.py). "cache": harvested
     # once into a memory-mapped cache entry and reused by later runs; "stream": computed
     # by the model as training goes, no disk; "auto": stream when the cache would exceed
     # STREAM_ABOVE_BYTES, else cache.
@@ -92,7 +92,7 @@ class RunSpec:
     # subject model stays on model.device. None: every SAE on the model's device.
     devices: list[str] | None = None
     # Synthetic activations with a known dictionary instead of a model and corpus
-    # (model, hook and corpus are then unused); see dictbench.synthetic.
+    # (model, hook and corpus are then unused); see dictbench.data.synthetic.
     synthetic: SyntheticSpec | None = None
     # Train every planned SAE once per seed (its init and token order; the data split
     # stays from ``seed``); ids get ``@seed<N>``. None: one SAE per setting, seed ``seed``.

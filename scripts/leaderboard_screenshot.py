@@ -44,7 +44,8 @@ def main() -> int:
             "leaderboard_screenshot: no chromium on PATH; screenshot not updated", file=sys.stderr
         )
         return 0
-    from dictbench import atomic, html_page, leaderboard
+    from dictbench.io import atomic
+    from dictbench.report import html_page, leaderboard
 
     with tempfile.TemporaryDirectory(prefix="dictbench-shot-") as tmp:
         page = Path(tmp) / "leaderboard.html"

@@ -11,7 +11,7 @@ CE/KL metrics and as many for its sparsity and variance metrics; dictbench gets
 ``eval.tokens`` = ``eval.downstream_tokens`` = the same number of tokens (its windows
 are 128 tokens with BOS, its counts exclude BOS). dictbench starts cold too: an empty
 activation cache, so its harvest is timed; only the model's de-quantised copy is there
-(dictbench.model_cache writes it once per machine, as the float32 checkpoint SAEBench
+(dictbench.data.model_cache writes it once per machine, as the float32 checkpoint SAEBench
 reads is made once). Its mean-ablation baseline needs the mean of as many training
 tokens, also harvested; SAEBench ablates with zeros only.
 
@@ -44,11 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "perf"))
 import perf_common as pc  # noqa: E402
 
-from dictbench import model_cache, saelens  # noqa: E402
 from dictbench.baselines.l1 import L1SAE, L1Config  # noqa: E402
-from dictbench.corpus import embedded_corpus_files  # noqa: E402
-from dictbench.sae_io import save_sae  # noqa: E402
-from dictbench.subject import EMBEDDED_MODEL, ModelSpec, _load_pretrained  # noqa: E402
+from dictbench.data import model_cache  # noqa: E402
+from dictbench.data.corpus import embedded_corpus_files  # noqa: E402
+from dictbench.data.subject import EMBEDDED_MODEL, ModelSpec, _load_pretrained  # noqa: E402
+from dictbench.io import saelens  # noqa: E402
+from dictbench.io.sae_io import save_sae  # noqa: E402
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ROOT = Path(__file__).resolve().parents[1]

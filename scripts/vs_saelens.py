@@ -37,7 +37,7 @@ from bench_helpers import BATCH, D_IN, D_SAE, set_trained_sparsity, train_step  
 
 from dictbench import registry  # noqa: E402
 from dictbench.allocator import keep_freed_memory  # noqa: E402
-from dictbench.trainer import make_optimizer  # noqa: E402
+from dictbench.train.trainer import make_optimizer  # noqa: E402
 
 FLOPS = 6 * D_IN * D_SAE * BATCH
 

@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from dictbench.corpus import in_eval_split
+from dictbench.data.corpus import in_eval_split
 from dictbench.errors import UserError
-from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
+from dictbench.score.metric_meta import Metric
 from dictbench.tasks import absorption_core as core
 from dictbench.tasks.base import Task, TaskEnv, TaskResult, TaskSkipped
 

@@ -13,7 +13,7 @@ the latent's activation per token), so that a reader of the results, the leaderb
 page among them, sees what an explanation was written from without rerunning anything.
 
 The judge stage is the only slow part on a real endpoint, so it runs concurrently
-(``bench/judge.py``); everything before it is a pure function of the SAE, the
+(``bench/score/judge.py``); everything before it is a pure function of the SAE, the
 held-out data and the seed, which is what makes the reply cache hit on a rerun.
 """
 
@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dictbench.errors import SpecError
-from dictbench.judge import Judge, JudgeSettings
 from dictbench.registry import register_task
+from dictbench.score.judge import Judge, JudgeSettings
 from dictbench.tasks import autointerp_prompts as prompts
 from dictbench.tasks.autointerp_config import (
     AUTOINTERP_METRICS,

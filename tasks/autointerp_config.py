@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dictbench.cache import default_cache_root
+from dictbench.data.cache import default_cache_root
 from dictbench.errors import SpecError
-from dictbench.judge import JudgeSettings
-from dictbench.metric_meta import Metric
+from dictbench.score.judge import JudgeSettings
+from dictbench.score.metric_meta import Metric
 from dictbench.tasks.base import TaskSkipped
 
 SCORERS = ("detection", "fuzzing")

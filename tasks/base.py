@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from dictbench.metric_meta import Metric
+from dictbench.score.metric_meta import Metric
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TaskEnv:
     # Results that do not depend on the SAE (e.g. the clean and ablated CE losses), kept
     # so that a run scoring many SAEs computes them once; tasks own their keys.
     shared: dict[str, Any] = field(default_factory=dict)
-    # The answer key of a synthetic run (dictbench.synthetic.GroundTruth): the true features
+    # The answer key of a synthetic run (dictbench.data.synthetic.GroundTruth): the true features
     # and the eval tokens' true coefficients. None for activations of a real model.
     ground_truth: Any = None
 

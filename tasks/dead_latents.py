@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
+from dictbench.score.metric_meta import Metric
 from dictbench.tasks.base import TaskEnv, TaskResult, TokenAccumulator, TokenTask
 
 DENSE_THRESHOLD = 0.1

@@ -7,7 +7,7 @@ mean-ablated ones. Only the spliced pass depends on the SAE, so the others are
 shared:
 
 * the zero- and mean-ablated losses are two numbers per window, computed once per
-  environment (``env.shared``; ``dictbench.eval_shared`` also keeps them on disk);
+  environment (``env.shared``; ``dictbench.score.eval_shared`` also keeps them on disk);
 * the clean pass gives the full next-token distributions the KL needs, far too big to
   keep for a whole window (tokens x vocabulary floats), so it is shared per batch:
   ``run_many`` takes every SAE of a group, runs the clean pass once per batch and each
@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
+from dictbench.score.metric_meta import Metric
 from dictbench.tasks.base import Task, TaskEnv, TaskResult
 
 

@@ -1,6 +1,6 @@
 """Did the SAE find the true features? Scored against a synthetic run's answer key.
 
-Only a synthetic run (``synthetic:`` in the spec, see ``dictbench.synthetic``) knows
+Only a synthetic run (``synthetic:`` in the spec, see ``dictbench.data.synthetic``) knows
 the true unit directions d_i (i < N) and every eval token's true coefficients c_i.
 Let w_j be the SAE's decoder rows (j < M) and cos_ij = <d_i, w_j> / ||w_j||.
 
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from dictbench.errors import SpecError
-from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
+from dictbench.score.metric_meta import Metric
 from dictbench.tasks import synth_metrics
 from dictbench.tasks.base import Task, TaskEnv, TaskResult, TaskSkipped
 

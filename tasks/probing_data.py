@@ -2,7 +2,7 @@
 SAEBench's datasets as named presets.
 
 Every example carries a document id, and the train/test split is decided per document by
-the corpus's seeded hash (``dictbench.corpus.in_eval_split``), so the windows of one
+the corpus's seeded hash (``dictbench.data.corpus.in_eval_split``), so the windows of one
 address never straddle the split. A user corpus has one document per row.
 """
 
@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dictbench.corpus import in_eval_split
+from dictbench.data.corpus import in_eval_split
 from dictbench.errors import UserError
 
 OPT = "task_options.sparse_probing"

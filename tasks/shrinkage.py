@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
+from dictbench.score.metric_meta import Metric
 from dictbench.tasks.base import TaskEnv, TaskResult, TokenAccumulator, TokenTask
 
 EPS = 1e-12

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from dictbench.errors import UserError
-from dictbench.metric_meta import Metric
 from dictbench.registry import register_task
+from dictbench.score.metric_meta import Metric
 from dictbench.tasks import probe_fit as pf
 from dictbench.tasks import probing_data as pdata
 from dictbench.tasks.base import Task, TaskEnv, TaskResult, TaskSkipped

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dictbench.allocator import keep_freed_memory
-from dictbench.subject import ModelSpec, SubjectModel
+from dictbench.data.subject import ModelSpec, SubjectModel
 
 keep_freed_memory()  # as the CLI runs: large tensors reuse freed memory
 
@@ -98,7 +98,7 @@ def _write_tiny_corpus(folder, n_docs: int = TINY_N_DOCS, seed: int = 0):
     """``n_docs`` text files of seeded English-like sentences, ~1.5 KB each."""
     import random
 
-    from dictbench.corpus import in_eval_split
+    from dictbench.data.corpus import in_eval_split
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

@@ -1,6 +1,6 @@
 """Hand-built run folders for the leaderboard, check and plot tests.
 
-Records go through ``dictbench.records.write_record`` (the real writer), with metric
+Records go through ``dictbench.score.records.write_record`` (the real writer), with metric
 values chosen by the test, so every expected number is known before the code runs.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dictbench import atomic
-from dictbench.records import write_record
+from dictbench.io import atomic
+from dictbench.score.records import write_record
 
 CONTEXT: dict[str, Any] = {
     "run": "hand",

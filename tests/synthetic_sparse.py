@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dictbench.cache import ActivationStore
+from dictbench.data.cache import ActivationStore
 
 D, M, ACTIVE, CTX = 64, 128, 5, 33
 

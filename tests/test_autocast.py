@@ -16,7 +16,7 @@ from dictbench import registry
 from dictbench.baselines import dense_ops, gated, sparse_ops
 from dictbench.errors import SpecError
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import autocast, train
+from dictbench.train.trainer import autocast, train
 from tests.method_names import local_methods
 from tests.test_trainer import make_store
 
@@ -132,8 +132,8 @@ def test_the_weighted_penalty_stays_float32_under_autocast():
 
 
 def test_bf16_autocast_is_refused_on_a_gpu_without_bf16(monkeypatch):
-    from dictbench import trainer
     from dictbench.errors import UserError
+    from dictbench.train import trainer
 
     trainer._cuda_has_bf16.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

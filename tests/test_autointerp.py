@@ -18,10 +18,10 @@ import yaml
 from openai_stub_server import Fault, StubJudge
 from test_cli import dictbench
 
-from dictbench.corpus import keep_positions
+from dictbench.data.corpus import keep_positions
+from dictbench.data.subject import ByteTokenizer
 from dictbench.errors import SpecError
 from dictbench.registry import get_task
-from dictbench.subject import ByteTokenizer
 from dictbench.tasks import autointerp_prompts as prompts
 from dictbench.tasks.autointerp import confusion
 from dictbench.tasks.autointerp_config import parse_options

@@ -35,7 +35,7 @@ from headless_chromium import Browser, find_chromium  # noqa: E402
 from run_folders import CONTEXT, make_sae, write_run_json  # noqa: E402
 
 from dictbench.cli import main  # noqa: E402
-from dictbench.records import write_record  # noqa: E402
+from dictbench.score.records import write_record  # noqa: E402
 
 
 def explain_requests(stub: StubJudge) -> list[list[str]]:

@@ -10,10 +10,10 @@ import torch
 from synthetic_sparse import ACTIVE, D, M, explained_variance_and_l0, sparse_data, sparse_store
 
 from dictbench.baselines.batchtopk import BatchTopKConfig, BatchTopKSAE
+from dictbench.io.sae_io import load_sae, save_sae
 from dictbench.registry import get_baseline
-from dictbench.sae_io import load_sae, save_sae
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import train
+from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -16,11 +16,11 @@ import torch
 
 from dictbench.baselines.e2e import E2ESAE, E2EConfig
 from dictbench.baselines.e2e_ds import E2EDSSAE, E2EDSConfig
-from dictbench.cache import ActivationStore
-from dictbench.corpus import keep_positions
+from dictbench.data.cache import ActivationStore
+from dictbench.data.corpus import keep_positions
+from dictbench.data.subject import ModelSpec, SubjectModel
 from dictbench.spec import BudgetSpec
-from dictbench.subject import ModelSpec, SubjectModel
-from dictbench.trainer import (
+from dictbench.train.trainer import (
     DownstreamHandle,
     SequenceBatch,
     TrainingFailed,

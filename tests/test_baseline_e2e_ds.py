@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dictbench.baselines.e2e_ds import E2EDSSAE, E2EDSConfig
-from dictbench.corpus import keep_positions
-from dictbench.subject import ModelSpec, SubjectModel
-from dictbench.trainer import DownstreamHandle, SequenceBatch
+from dictbench.data.corpus import keep_positions
+from dictbench.data.subject import ModelSpec, SubjectModel
+from dictbench.train.trainer import DownstreamHandle, SequenceBatch
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -13,10 +13,10 @@ from dictbench import registry
 from dictbench.baselines.gated import GatedConfig, GatedSAE
 from dictbench.baselines.init import geometric_median
 from dictbench.baselines.l1 import L1SAE, L1Config
-from dictbench.cache import ActivationStore
-from dictbench.sae_io import load_sae, save_sae
+from dictbench.data.cache import ActivationStore
+from dictbench.io.sae_io import load_sae, save_sae
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import flops_per_token, train
+from dictbench.train.trainer import flops_per_token, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

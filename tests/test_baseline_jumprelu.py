@@ -11,10 +11,10 @@ import torch
 from synthetic_sparse import D, M, explained_variance_and_l0, sparse_data, sparse_store
 
 from dictbench.baselines.jumprelu import JumpReLUConfig, JumpReLUFn, JumpReLUSAE, StepFn
+from dictbench.io.sae_io import load_sae, save_sae
 from dictbench.registry import get_baseline
-from dictbench.sae_io import load_sae, save_sae
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import train
+from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

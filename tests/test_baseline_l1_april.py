@@ -10,10 +10,10 @@ import torch
 
 from dictbench import registry
 from dictbench.baselines.l1_april import L1AprilConfig, L1AprilSAE
-from dictbench.cache import ActivationStore
-from dictbench.sae_io import load_sae, save_sae
+from dictbench.data.cache import ActivationStore
+from dictbench.io.sae_io import load_sae, save_sae
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import train
+from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from synthetic_sparse import D, M, sparse_store
 
-from dictbench import saelens
 from dictbench.baselines.batchtopk import BatchTopKConfig, BatchTopKSAE
 from dictbench.baselines.matryoshka import (
     DEFAULT_GROUPS,
@@ -17,9 +16,10 @@ from dictbench.baselines.matryoshka import (
     group_ends,
 )
 from dictbench.errors import SpecError, UserError
+from dictbench.io import saelens
 from dictbench.registry import get_baseline
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import train
+from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -267,15 +267,15 @@ def test_real_saelens_loads_the_export(tmp_path):
 
 
 def test_export_command_path(tmp_path):
-    """Through ``dictbench export`` (bench/saelens.py), where that path knows the class."""
-    from dictbench.sae_io import save_sae
+    """Through ``dictbench export`` (bench/io/saelens.py), where that path knows the class."""
+    from dictbench.io.sae_io import save_sae
 
     sae = trained_looking_sae()
     save_sae(sae, tmp_path / "m", {"sae_id": "m", "hook": "resid_post.2", "model": "tiny:llama"})
     try:
         out = saelens.export(tmp_path / "m", tmp_path / "m-sl")
     except UserError as err:
-        pytest.skip(f"bench/saelens.py does not export matryoshka yet: {err}")
+        pytest.skip(f"bench/io/saelens.py does not export matryoshka yet: {err}")
     loaded, info = saelens.load_saelens(out)
     assert info.architecture == "jumprelu"
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(14))

@@ -13,7 +13,7 @@ from dictbench.baselines.auxk import auxk_loss
 from dictbench.baselines.topk import TopKConfig, TopKSAE
 from dictbench.registry import get_baseline
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import train
+from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

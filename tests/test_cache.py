@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dictbench.cache import ActivationStore, fingerprint, harvest
-from dictbench.corpus import CorpusSpec
+from dictbench.data.cache import ActivationStore, fingerprint, harvest
+from dictbench.data.corpus import CorpusSpec
 
 HOOK = "resid_post.1"
 N_TOKENS = 300  # 20 windows of 15 predicted positions at ctx_len 16

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from run_folders import make_failed_sae, make_sae
 
-from dictbench import check
 from dictbench.errors import UserError
+from dictbench.report import check
 
 BASE = {
     "l0": 40.0,
@@ -327,7 +327,7 @@ def test_flops_estimate_is_checked_exactly():
 
 def test_every_declared_metric_has_a_direction_and_a_tolerance():
     """The leaderboard's directions and the check's tolerances come from one declaration."""
-    from dictbench import leaderboard
+    from dictbench.report import leaderboard
 
     tol = check.DEFAULT_TOLERANCES
     assert set(tol) == set(leaderboard.DIRECTIONS)

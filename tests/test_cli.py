@@ -13,8 +13,8 @@ import pytest
 import yaml
 from cli_subprocess import run_cli
 
-from dictbench.leaderboard import records_frame
-from dictbench.records import read_records
+from dictbench.report.leaderboard import records_frame
+from dictbench.score.records import read_records
 
 TASKS = ["sparsity", "reconstruction", "shrinkage", "downstream", "dead_latents"]
 # Every metric name METRICS.md defines for these tasks.

@@ -9,15 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dictbench.corpus import (
+from dictbench.data.corpus import (
     CorpusSpec,
     in_eval_split,
     iter_split_documents,
     keep_positions,
     make_windows,
 )
+from dictbench.data.subject import ByteTokenizer
 from dictbench.errors import UserError
-from dictbench.subject import ByteTokenizer
 
 BOS = ByteTokenizer.bos_token_id
 

@@ -1,4 +1,4 @@
-"""Data-parallel training (bench/distributed.py) against independent one-process runs.
+"""Data-parallel training (bench/train/distributed.py) against independent one-process runs.
 
 Two gloo processes that split every batch must end with the weights one process gets
 from the whole batch (up to float rounding), for every built-in method, including
@@ -23,13 +23,15 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dictbench import cli, distributed, leaderboard, registry
-from dictbench.cache import ActivationStore
-from dictbench.checkpoint import CheckpointPlan
+from dictbench import cli, registry
+from dictbench.data.cache import ActivationStore
 from dictbench.errors import UserError
+from dictbench.report import leaderboard
 from dictbench.runner import PlannedSAE
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import train
+from dictbench.train import distributed
+from dictbench.train.checkpoint import CheckpointPlan
+from dictbench.train.trainer import train
 
 D_IN, D_SAE, CTX, WINDOWS = 16, 32, 17, 64  # 64 windows x 16 kept positions = 1024 tokens
 BUDGET = dict(train_tokens=1024, batch_size=128, d_sae=D_SAE, lr=3e-3)  # 8 steps
@@ -328,7 +330,7 @@ def test_two_harvests_of_one_entry_at_once_share_one_harvest(tmp_path, tiny_llam
     import threading
     import time
 
-    from dictbench.cache import harvest
+    from dictbench.data.cache import harvest
 
     root = tmp_path / "shared_cache"
     together = threading.Barrier(2)
@@ -370,7 +372,7 @@ def test_two_harvests_of_one_entry_at_once_share_one_harvest(tmp_path, tiny_llam
 
 @pytest.fixture
 def corpus_spec(tiny_corpus_dir):
-    from dictbench.corpus import CorpusSpec
+    from dictbench.data.corpus import CorpusSpec
 
     return CorpusSpec(
         name="local",

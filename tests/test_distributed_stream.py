@@ -1,4 +1,4 @@
-"""Data parallel in stream mode (bench/batch_stream.py, bench/distributed.py): each rank
+"""Data parallel in stream mode (bench/train/batch_stream.py, bench/train/distributed.py): each rank
 runs the subject model over its share of every shuffle block, the ranks exchange the
 shares, and the batches, their order and the trained SAEs are those of one process.
 
@@ -25,8 +25,14 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dictbench import cli, distributed, faults
-from dictbench.batch_stream import (
+from dictbench import cli, faults
+from dictbench.data.cache import ActivationStore
+from dictbench.data.corpus import keep_positions
+from dictbench.data.subject import ModelSpec, SubjectModel
+from dictbench.registry import get_baseline
+from dictbench.spec import BudgetSpec
+from dictbench.train import distributed
+from dictbench.train.batch_stream import (
     HARVEST_CHUNK,
     CacheWindows,
     ModelWindows,
@@ -34,14 +40,9 @@ from dictbench.batch_stream import (
     block_windows_for,
     chunked_mean,
 )
-from dictbench.cache import ActivationStore
-from dictbench.checkpoint import CheckpointPlan
-from dictbench.corpus import keep_positions
-from dictbench.lockstep import Member, train_group
-from dictbench.registry import get_baseline
-from dictbench.spec import BudgetSpec
-from dictbench.subject import ModelSpec, SubjectModel
-from dictbench.trainer import TrainRecord
+from dictbench.train.checkpoint import CheckpointPlan
+from dictbench.train.lockstep import Member, train_group
+from dictbench.train.trainer import TrainRecord
 
 pytestmark = pytest.mark.slow  # minutes of multi-process runs: `make test-long`
 

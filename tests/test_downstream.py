@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dictbench.corpus import keep_positions
+from dictbench.data.corpus import keep_positions
 from dictbench.tasks.base import TaskEnv
 from dictbench.tasks.downstream import Downstream
 

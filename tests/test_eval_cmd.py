@@ -14,11 +14,12 @@ import yaml
 from cli_subprocess import run_cli
 from safetensors.torch import save_file
 
-from dictbench import cli, evaluate, saelens
-from dictbench.cache import ActivationStore
+from dictbench import cli, evaluate
+from dictbench.data.cache import ActivationStore
 from dictbench.errors import UserError
-from dictbench.records import read_records
-from dictbench.sae_io import CONFIG, WEIGHTS
+from dictbench.io import saelens
+from dictbench.io.sae_io import CONFIG, WEIGHTS
+from dictbench.score.records import read_records
 
 # Tiny models run far faster on one thread when other processes load the CPU, and one
 # thread on both sides (subprocess and this process) keeps float sums in the same order.

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dictbench import eval_groups, eval_shared, evaluate
-from dictbench.records import read_records
-from dictbench.sae_io import CONFIG, WEIGHTS
-from dictbench.subject import SubjectModel
+from dictbench import eval_groups, evaluate
+from dictbench.data.subject import SubjectModel
+from dictbench.io.sae_io import CONFIG, WEIGHTS
+from dictbench.score import eval_shared
+from dictbench.score.records import read_records
 from dictbench.tasks import downstream
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -193,7 +194,7 @@ def test_a_class_outside_dictbench_stays_refused_among_many(three, tmp_path, mon
     """One folder in a glob naming ``module:Class``: nothing is imported, nothing scored."""
     from dictbench.baselines.l1 import L1SAE, L1Config
     from dictbench.errors import UserError
-    from dictbench.sae_io import save_sae
+    from dictbench.io.sae_io import save_sae
 
     marker = tmp_path / "marker"
     (tmp_path / "outside_mod22.py").write_text(OUTSIDE.format(marker=str(marker)))

@@ -17,15 +17,16 @@ import pytest
 import torch
 from fake_accelerator import DeviceMixError, fake_accelerator, on_cpu
 
-from dictbench import registry, trainer
-from dictbench.cache import ActivationStore
-from dictbench.checkpoint import CheckpointPlan
+from dictbench import registry
+from dictbench.data.cache import ActivationStore
 from dictbench.spec import BudgetSpec
 from dictbench.tasks.base import TaskEnv
 from dictbench.tasks.dead_latents import DeadLatentsAccumulator
 from dictbench.tasks.reconstruction import ReconstructionAccumulator
 from dictbench.tasks.shrinkage import ShrinkageAccumulator
 from dictbench.tasks.sparsity import SparsityAccumulator
+from dictbench.train import trainer
+from dictbench.train.checkpoint import CheckpointPlan
 from tests.method_names import downstream_methods, local_methods
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

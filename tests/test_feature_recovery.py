@@ -19,14 +19,14 @@ from scipy.special import betainc
 
 from dictbench import cli
 from dictbench import spec as spec_mod
-from dictbench.errors import SpecError
-from dictbench.synthetic import (
+from dictbench.data.synthetic import (
     Coefficients,
     Dictionary,
     GroundTruth,
     SyntheticSpec,
     make_stores,
 )
+from dictbench.errors import SpecError
 from dictbench.tasks.base import TaskEnv, TaskSkipped
 from dictbench.tasks.feature_recovery import FeatureRecovery
 from dictbench.tasks.reconstruction import Reconstruction

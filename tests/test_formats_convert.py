@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dictbench import cli, formats
+from dictbench import cli
 from dictbench.errors import UserError
 from dictbench.evaluate import load_any
+from dictbench.io import formats
 
 D_IN, D_SAE, K = 12, 40, 5
 
@@ -285,7 +286,7 @@ def test_unknown_folder_is_one_line_naming_files_and_formats(tmp_path, capsys):
 
 
 def test_folder_of_hookpoint_folders_expands(tmp_path):
-    from dictbench.formats import sources
+    from dictbench.io.formats import sources
 
     write_sparsify(tmp_path / "run" / "layers.0")
     write_sparsify(tmp_path / "run" / "layers.2")

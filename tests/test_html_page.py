@@ -1,4 +1,4 @@
-"""The static leaderboard page (bench/html_page.py), checked in a real headless Chromium
+"""The static leaderboard page (bench/report/html_page.py), checked in a real headless Chromium
 driven over the DevTools protocol (tests/headless_chromium.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dictbench import html_page, leaderboard
 from dictbench.cli import main
+from dictbench.report import html_page, leaderboard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from headless_chromium import Browser, find_chromium  # noqa: E402
@@ -175,7 +175,7 @@ def test_seeded_page_draws_error_bars(tmp_path):
 def test_autointerp_panel_data_from_the_record(tmp_path):
     from run_folders import CONTEXT
 
-    from dictbench.records import write_record
+    from dictbench.score.records import write_record
 
     run = tmp_path / "ai"
     make_sae(run, "x", "l1", {"l0": 10.0, "explained_variance": 0.5})

@@ -22,8 +22,8 @@ from cli_subprocess import run_cli
 from safetensors.torch import save
 
 from dictbench.errors import UserError
-from dictbench.formats import hub
-from dictbench.records import read_records
+from dictbench.io.formats import hub
+from dictbench.score.records import read_records
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 D = 32  # the tiny llama's width

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dictbench.corpus import CorpusSpec, make_windows
-from dictbench.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
+from dictbench.data.corpus import CorpusSpec, make_windows
+from dictbench.data.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
 
 pytestmark = pytest.mark.slow
 

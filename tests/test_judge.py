@@ -9,7 +9,7 @@ import json
 import pytest
 from openai_stub_server import StubJudge
 
-from dictbench.judge import Judge, JudgeSettings, ReplyCache, public_url, redact
+from dictbench.score.judge import Judge, JudgeSettings, ReplyCache, public_url, redact
 
 KEY = "sk-test-0123456789abcdef-SECRET"
 MSG = [{"role": "user", "content": "say something"}]

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from run_folders import CONTEXT, make_failed_sae, make_sae, write_run_json
 
-from dictbench import leaderboard as lb
 from dictbench.errors import UserError
+from dictbench.report import leaderboard as lb
 
 
 def loglin(x: float, x0: float, y0: float, x1: float, y1: float) -> float:

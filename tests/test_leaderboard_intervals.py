@@ -20,8 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from run_folders import make_failed_sae, make_sae, write_run_json  # noqa: E402
 
-from dictbench import leaderboard as lb  # noqa: E402
 from dictbench.cli import main  # noqa: E402
+from dictbench.report import leaderboard as lb  # noqa: E402
 
 stats = pytest.importorskip("scipy.stats")
 

@@ -1,6 +1,7 @@
-"""Lockstep training on one stream of batches (bench/lockstep.py, bench/batch_stream.py):
-each SAE gets exactly the batches it would get alone, the stream equals the cache, the
-shuffle buffer is a per-block permutation, and a NaN in one SAE leaves the others alone."""
+"""Lockstep training on one stream of batches (bench/train/lockstep.py,
+bench/train/batch_stream.py): each SAE gets exactly the batches it would get alone, the stream
+equals the cache, the shuffle buffer is a per-block permutation, and a NaN in one SAE leaves the
+others alone."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from dictbench import trainer
-from dictbench.batch_stream import (
+from dictbench.data.cache import from_float32, harvest, prepare, to_float32
+from dictbench.data.corpus import CorpusSpec, keep_positions
+from dictbench.registry import get_baseline
+from dictbench.spec import BudgetSpec
+from dictbench.train import trainer
+from dictbench.train.batch_stream import (
     CacheWindows,
     ModelWindows,
     ShuffleBuffer,
     block_windows_for,
     chunked_mean,
 )
-from dictbench.cache import from_float32, harvest, prepare, to_float32
-from dictbench.corpus import CorpusSpec, keep_positions
-from dictbench.lockstep import Member, train_group
-from dictbench.registry import get_baseline
-from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member, train_group
 
 HOOK = "resid_post.1"
 BUDGET = BudgetSpec(train_tokens=960, batch_size=64, d_sae=32, lr_warmup_frac=0.1)
@@ -117,7 +118,7 @@ def test_one_block_is_the_global_permutation_of_the_first_version(store):
 
 def _labelled_store(tmp_path, n_windows=70, ctx=16, d=3):
     """A store whose every activation row says where it came from: row[0] = flat index."""
-    from dictbench.cache import ActivationStore
+    from dictbench.data.cache import ActivationStore
 
     acts = np.zeros((n_windows, ctx, d), np.float32)
     acts[..., 0] = np.arange(n_windows * ctx, dtype=np.float32).reshape(n_windows, ctx)
@@ -225,7 +226,7 @@ def test_cache_dtype_is_part_of_the_fingerprint_and_float32_keeps_the_old_one(
     b = prepare(tiny_llama, HOOK, corpus, "train", 200, 0, root, dtype="bfloat16")
     assert a.fingerprint != b.fingerprint
     assert "dtype" not in a.ident and b.ident["dtype"] == "bfloat16"
-    from dictbench.cache import run_harvest
+    from dictbench.data.cache import run_harvest
 
     s16 = run_harvest(tiny_llama, HOOK, b, log=lambda m: None)
     s32 = run_harvest(tiny_llama, HOOK, a, log=lambda m: None)

@@ -1,4 +1,4 @@
-"""The de-quantised copy of a GGUF model (dictbench.model_cache): written once, read
+"""The de-quantised copy of a GGUF model (dictbench.data.model_cache): written once, read
 back bit for bit, keyed by the file, replaced when damaged, never half-written."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from dictbench import model_cache
+from dictbench.data import model_cache
 
 WORDS = ["<s>", "the", "union", "is", "strong", "and", "we", "will"]
 
@@ -130,7 +130,7 @@ def test_no_root_means_no_copy(tmp_path, gguf):
 def test_the_embedded_model_from_its_copy_gives_identical_logits(tmp_path, monkeypatch):
     """GGUF load (writes the copy) against the copy: same weights, same logits, same
     tokens, same fingerprint, so caches keyed by the model stay valid."""
-    from dictbench.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
+    from dictbench.data.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
 
     monkeypatch.setenv("DICTBENCH_CACHE", str(tmp_path / "cache"))
     spec = ModelSpec(name=EMBEDDED_MODEL, device="cpu")
@@ -142,7 +142,7 @@ def test_the_embedded_model_from_its_copy_gives_identical_logits(tmp_path, monke
     assert from_copy.tokenizer.encode(text) == ids
     assert from_copy.tokenizer.bos_token_id == from_gguf.tokenizer.bos_token_id
     assert from_copy.tokenizer.vocab_size == from_gguf.tokenizer.vocab_size
-    from dictbench.corpus import embedded_corpus_files
+    from dictbench.data.corpus import embedded_corpus_files
 
     speech = Path(embedded_corpus_files()[0]).read_text()
     assert from_copy.tokenizer.encode(speech) == from_gguf.tokenizer.encode(speech)

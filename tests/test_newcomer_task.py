@@ -12,10 +12,12 @@ import pytest
 import torch
 from run_folders import CONTEXT, write_run_json
 
-from dictbench import check, metric_facts, registry
-from dictbench import leaderboard as lb
-from dictbench.metric_meta import Metric
-from dictbench.records import write_record
+from dictbench import registry
+from dictbench.report import check
+from dictbench.report import leaderboard as lb
+from dictbench.score import metric_facts
+from dictbench.score.metric_meta import Metric
+from dictbench.score.records import write_record
 from dictbench.tasks.base import Task, TaskEnv, TaskResult
 
 NAME = "newcomer_burstiness"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dictbench import noise_check
 from dictbench.cli import main
+from dictbench.report import noise_check
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run_folders import make_sae, write_run_json  # noqa: E402

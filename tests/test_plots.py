@@ -11,8 +11,8 @@ import pytest
 from matplotlib.colors import to_hex
 from run_folders import make_failed_sae, make_sae
 
-from dictbench import leaderboard as lb
-from dictbench import plots
+from dictbench.report import leaderboard as lb
+from dictbench.report import plots
 
 # --- pareto_front -------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ import torch
 
 from dictbench.baselines.l1 import L1SAE, L1Config
 from dictbench.errors import UserError
-from dictbench.sae_io import load_sae, save_sae
-from dictbench.saelens import export
+from dictbench.io.sae_io import load_sae, save_sae
+from dictbench.io.saelens import export
 
 MODULE = """
 import pathlib

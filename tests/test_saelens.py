@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dictbench import cli, registry, saelens
+from dictbench import cli, registry
 from dictbench.baselines.l1 import L1SAE
 from dictbench.errors import UserError
-from dictbench.sae_io import CONFIG, WEIGHTS, save_sae
+from dictbench.io import saelens
+from dictbench.io.sae_io import CONFIG, WEIGHTS, save_sae
 
 D_IN, D_SAE = 16, 48
 

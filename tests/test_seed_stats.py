@@ -1,4 +1,4 @@
-"""Seed grouping, intervals and matched-L0 ranks with ties (bench/seed_stats.py)."""
+"""Seed grouping, intervals and matched-L0 ranks with ties (bench/report/seed_stats.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dictbench import seed_stats
 from dictbench.errors import SpecError
+from dictbench.report import seed_stats
 from dictbench.runner import plan_saes
 from dictbench.spec import BaselineEntry, RunSpec, validate
 
@@ -117,7 +117,7 @@ def test_pareto_plot_draws_seed_error_bars(tmp_path):
 
     from matplotlib.container import ErrorbarContainer
 
-    from dictbench import leaderboard, plots
+    from dictbench.report import leaderboard, plots
 
     sys.path.insert(0, str(Path(__file__).parent))
     from run_folders import make_sae, write_run_json
@@ -139,7 +139,7 @@ def test_leaderboard_text_has_seed_sections_only_with_seeds(tmp_path):
     import sys
     from pathlib import Path
 
-    from dictbench import leaderboard
+    from dictbench.report import leaderboard
 
     sys.path.insert(0, str(Path(__file__).parent))
     from run_folders import make_sae, write_run_json
@@ -158,7 +158,8 @@ def test_leaderboard_text_has_seed_sections_only_with_seeds(tmp_path):
 
 
 def test_cli_seeds_flag_sets_seeds(monkeypatch, capsys):
-    from dictbench import cli, distributed, runner
+    from dictbench import cli, runner
+    from dictbench.train import distributed
 
     seen = {}
     monkeypatch.setattr(runner, "run", lambda spec, **kw: seen.setdefault("seeds", spec.seeds))

@@ -203,7 +203,7 @@ def test_offline_defaults_on_smollm2_with_a_trained_sae():
     """The embedded model and corpus, both tasks, an L1 SAE trained here on the probing
     windows' activations: the offline default path runs end to end."""
     from dictbench.baselines.l1 import L1SAE, L1Config
-    from dictbench.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
+    from dictbench.data.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
     from dictbench.tasks.absorption import Absorption
 
     subject = SubjectModel.load(ModelSpec(name=EMBEDDED_MODEL, device="cpu"))

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from dictbench.data.subject import SubjectModel
 from dictbench.errors import UserError
-from dictbench.subject import SubjectModel
 
 ARCHS = ["tiny:llama", "tiny:gpt2", "tiny:gpt_neox"]
 # 3 layers: first input, first output, a middle one, the last output.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dictbench.synthetic import SyntheticSpec, make_stores
+from dictbench.data.synthetic import SyntheticSpec, make_stores
 from dictbench.tasks import synth_metrics as sm
 from dictbench.tasks.base import TaskEnv
 from dictbench.tasks.feature_recovery import FeatureRecovery

@@ -1,4 +1,4 @@
-"""The synthetic generator (bench/synthetic.py): each structural promise of its docstring
+"""The synthetic generator (bench/data/synthetic.py): each structural promise of its docstring
 checked against an independent computation (closed forms, exact geometry, binomial
 bounds), plus determinism and the spec section's strict validation."""
 
@@ -11,8 +11,7 @@ import pytest
 from scipy.stats import multivariate_normal, norm
 
 from dictbench import spec as spec_mod
-from dictbench.errors import SpecError
-from dictbench.synthetic import (
+from dictbench.data.synthetic import (
     CTX,
     SyntheticSpec,
     make_dictionary,
@@ -20,7 +19,8 @@ from dictbench.synthetic import (
     make_stores,
     power_law_freqs,
 )
-from dictbench.trainer import token_order
+from dictbench.errors import SpecError
+from dictbench.train.trainer import token_order
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -1,4 +1,4 @@
-"""``synthetic.generator: synthsaebench`` (bench/synthsaebench.py): refused in one line
+"""``synthetic.generator: synthsaebench`` (bench/data/synthsaebench.py): refused in one line
 without sae-lens; with it, SynthSAEBench's data through SAELens, checked against the
 generator's own structure (the answer key writes x; children fire only under their
 parent, at most one sibling at a time) and for reproducibility."""
@@ -12,9 +12,9 @@ import pytest
 
 from dictbench import cli
 from dictbench import spec as spec_mod
+from dictbench.data.synthetic import SyntheticSpec, make_stores
+from dictbench.data.synthsaebench import SynthSAEBenchSpec
 from dictbench.errors import SpecError
-from dictbench.synthetic import SyntheticSpec, make_stores
-from dictbench.synthsaebench import SynthSAEBenchSpec
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -89,7 +89,7 @@ def test_answer_key_writes_the_activations(generated):
 
 
 def test_children_fire_only_under_their_parent_and_exclusively(generated):
-    from dictbench import synthsaebench
+    from dictbench.data import synthsaebench
 
     spec, (_, _, truth) = generated
     model = synthsaebench.build_model(spec)

@@ -1,4 +1,4 @@
-"""The shared training loop (bench/trainer.py): schedule, token order, scaling, guards.
+"""The shared training loop (bench/train/trainer.py): schedule, token order, scaling, guards.
 
 The synthetic store encodes each token's flat index (window * ctx + position) in
 activation column 0, so every batch the trainer hands an SAE can be traced back
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from dictbench import trainer
 from dictbench.baselines.base import LossOutput
 from dictbench.baselines.l1 import L1SAE, L1Config
-from dictbench.cache import ActivationStore
+from dictbench.data.cache import ActivationStore
 from dictbench.spec import BudgetSpec
-from dictbench.trainer import TrainingFailed, activation_scale, lr_factor, token_order, train
+from dictbench.train import trainer
+from dictbench.train.trainer import TrainingFailed, activation_scale, lr_factor, token_order, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

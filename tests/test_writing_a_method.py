@@ -13,8 +13,9 @@ import pytest
 import torch
 import yaml
 
-from dictbench import cli, registry, saelens, spec
+from dictbench import cli, registry, spec
 from dictbench.errors import SpecError, UserError
+from dictbench.io import saelens
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "my_sae.py"
@@ -104,7 +105,7 @@ def test_train_with_run_then_export(example_on_path, tiny_spec_data, tmp_path):
     exported = saelens.export(sae_dir, tmp_path / "exported", trust_code=True)
     module, info = saelens.load_saelens(exported)
     assert (info.architecture, info.k) == ("topk", 3)
-    from dictbench.sae_io import load_sae
+    from dictbench.io.sae_io import load_sae
 
     ours, _ = load_sae(sae_dir, trust_code=True)
     x = torch.randn(32, ours.cfg.d_in)

@@ -12,13 +12,13 @@ FORMATS = ("terminal", "markdown", "csv", "json")
 def _run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from dictbench import check
+    from dictbench.report import check
 
     table = check.load_tolerances(args.tolerances)
     table = check.apply_flags(table, args.abs_tol, args.rel_tol, args.ignore)
     df = check.compare(args.run, args.reference, table, allow_mixed=args.allow_mixed)
     if args.noise_k is not None:
-        from dictbench import noise_check
+        from dictbench.report import noise_check
 
         df = noise_check.apply(df, args.reference, args.noise_k)
     if args.format == "csv":

@@ -10,7 +10,7 @@ FORMATS = ("saelens",)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dictbench import saelens
+    from dictbench.io import saelens
 
     out = saelens.export(args.sae_dir, args.out, trust_code=args.trust_code)
     print(f"wrote {args.format} SAE to {out}")

@@ -32,18 +32,19 @@ def _image_links(paths: list[Path], base: Path) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dictbench import atomic, leaderboard
     from dictbench.errors import UserError
+    from dictbench.io import atomic
+    from dictbench.report import leaderboard
 
     runs = leaderboard.load_runs(args.runs)
     if args.html:
-        from dictbench import html_page
+        from dictbench.report import html_page
 
         written = html_page.write_page(runs, args.html, args.metric, args.l0, args.allow_mixed)
         print(f"wrote {written}", file=sys.stderr)
     groups = [[r] for r in runs] if args.per_run else [runs]
     if args.plots:
-        from dictbench import plots  # matplotlib is slow to import; only when asked
+        from dictbench.report import plots  # matplotlib is slow to import; only when asked
     base = Path(args.output).parent if args.output else Path.cwd()
     texts, frames, docs = [], [], []
     for group in groups:
@@ -93,22 +94,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "Read result records from run folders and print (1) one row of headline "
+    "metrics per SAE (a failed SAE reads 'failed'), (2) each method's sweep interpolated "
+    "linearly in log L0 at target L0 values, n/a outside the L0 range it measured, "
+    "(3) mean ranks at matched L0. Records whose subject model, hook point, corpus split, "
+    "evaluation token count or training budget differ are refused unless --allow-mixed."
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dictbench.leaderboard_defaults import DEFAULT_MATCHED_METRICS, DEFAULT_TARGET_L0, FORMATS
+    from dictbench.report import leaderboard_defaults as defaults
 
     p = subparsers.add_parser(
         "leaderboard",
         help="compare SAEs from run folders: headline metrics, matched-L0 table, ranks, plots",
-        description="Read result records from run folders and print (1) one row of headline "
-        "metrics per SAE (a failed SAE reads 'failed'), (2) each method's sweep interpolated "
-        "linearly in log L0 at target L0 values, n/a outside the L0 range it measured, "
-        "(3) mean ranks at matched L0. Records whose subject model, hook point, corpus split, "
-        "evaluation token count or training budget differ are refused unless --allow-mixed.",
+        description=DESCRIPTION,
     )
     p.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="run folder(s)")
     p.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=defaults.FORMATS,
         default="terminal",
         help="terminal tables, GitHub markdown, one tidy CSV, or JSON (default: terminal)",
     )
@@ -117,14 +123,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         type=_positive_float,
         metavar="L0",
-        help="target L0 values (default: " + " ".join(f"{t:g}" for t in DEFAULT_TARGET_L0) + ")",
+        help="target L0 values (default: "
+        + " ".join(f"{t:g}" for t in defaults.DEFAULT_TARGET_L0)
+        + ")",
     )
     p.add_argument(
         "--metric",
         action="append",
         metavar="NAME",
         help="metric to compare at matched L0 (repeatable; default: "
-        + ", ".join(DEFAULT_MATCHED_METRICS)
+        + ", ".join(defaults.DEFAULT_MATCHED_METRICS)
         + ")",
     )
     p.add_argument(

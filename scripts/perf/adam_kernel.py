@@ -1,6 +1,6 @@
 """The trainer's step with Adam's fused kernel against torch's default one-tensor loop.
 
-dictbench.trainer.make_optimizer asks for the fused kernel (one pass over each tensor
+dictbench.train.trainer.make_optimizer asks for the fused kernel (one pass over each tensor
 instead of about six). This measures what it buys per method and batch size: the same
 SAE, weights and batch, the full trainer step (loss, backward, hooks, Adam), the two
 optimisers timed interleaved. At the quickstart's batch of 128 tokens Adam over the
@@ -28,7 +28,7 @@ from bench_helpers import train_step  # noqa: E402
 from step_precision import build  # noqa: E402
 
 from dictbench.allocator import keep_freed_memory  # noqa: E402
-from dictbench.trainer import make_optimizer  # noqa: E402
+from dictbench.train.trainer import make_optimizer  # noqa: E402
 
 
 def stepper(method: str, batch: torch.Tensor, fused: bool, d_sae: int):

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf_common as pc  # noqa: E402
 
 from dictbench import registry  # noqa: E402
-from dictbench.cache import harvest  # noqa: E402
-from dictbench.corpus import CorpusSpec  # noqa: E402
+from dictbench.data.cache import harvest  # noqa: E402
+from dictbench.data.corpus import CorpusSpec  # noqa: E402
 from dictbench.tasks.base import TaskEnv  # noqa: E402
 
 CTX, D_SAE, SEQS_PER_BATCH = 128, 4608, 4

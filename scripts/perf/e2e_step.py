@@ -33,8 +33,8 @@ from bench_helpers import train_step  # noqa: E402
 from dictbench import registry  # noqa: E402
 from dictbench.baselines.base import LossOutput  # noqa: E402
 from dictbench.baselines.e2e import kl_clean_to_sae  # noqa: E402
-from dictbench.corpus import CorpusSpec, keep_positions, make_windows  # noqa: E402
-from dictbench.trainer import DownstreamHandle, SequenceBatch  # noqa: E402
+from dictbench.data.corpus import CorpusSpec, keep_positions, make_windows  # noqa: E402
+from dictbench.train.trainer import DownstreamHandle, SequenceBatch  # noqa: E402
 
 CTX, D_IN, D_SAE = 128, 576, 4608
 
@@ -91,7 +91,7 @@ def whole_model_reference(cls: type) -> type:
 
 def make_optimizer(params: Any) -> torch.optim.Optimizer:
     try:
-        from dictbench.trainer import make_optimizer as trainer_opt
+        from dictbench.train.trainer import make_optimizer as trainer_opt
     except ImportError:
         return torch.optim.Adam(params, lr=1e-4)
     return trainer_opt(params, 1e-4, (0.9, 0.999))

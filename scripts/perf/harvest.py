@@ -3,7 +3,7 @@
 Two questions, from the design goal "tokens per second within 10% of running the model
 up to the hook layer alone; memory flat in the number of tokens harvested":
 
-1. Throughput. ``dictbench.cache.run_harvest`` (run to the hook, write the memory-mapped
+1. Throughput. ``dictbench.data.cache.run_harvest`` (run to the hook, write the memory-mapped
    entry, mean, checksums, fsync, rename) against ``SubjectModel.run_to`` alone on the
    same windows in the same batches, results discarded. Interleaved, in one process.
 2. Memory. One child process per harvest size (so peaks do not mix): after the model is
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import perf_common as pc  # noqa: E402
 
-from dictbench.cache import PendingHarvest, fingerprint, run_harvest  # noqa: E402
-from dictbench.corpus import CorpusSpec, keep_positions, make_windows  # noqa: E402
+from dictbench.data.cache import PendingHarvest, fingerprint, run_harvest  # noqa: E402
+from dictbench.data.corpus import CorpusSpec, keep_positions, make_windows  # noqa: E402
 
 CTX = 128
 BATCH_WINDOWS = 16  # run_harvest's default; the model-alone side uses the same batches

@@ -57,10 +57,10 @@ def measure(
     """Train ``n_saes`` SAEs on ``tokens`` tokens in one mode; wall, RSS, disk, tokens/s."""
     import torch
 
-    from dictbench.cache import prepare, run_harvest
-    from dictbench.run_training import RunFolder, TrainingData, train_planned
+    from dictbench.data.cache import prepare, run_harvest
+    from dictbench.data.subject import SubjectModel
     from dictbench.spec import resolve
-    from dictbench.subject import SubjectModel
+    from dictbench.train.run_training import RunFolder, TrainingData, train_planned
 
     overrides = [
         f"budget.train_tokens={tokens}",

@@ -1,6 +1,6 @@
 """Where a cold `dictbench` process spends its time before scoring: imports, and loading the
 embedded model from its GGUF file against loading the de-quantised copy
-(dictbench.model_cache) that the first load writes beside the activation cache.
+(dictbench.data.model_cache) that the first load writes beside the activation cache.
 
 One process, in order: import torch, import dictbench's eval, import the transformers
 model classes, tokenizer from the GGUF file, model from the GGUF file (parse and
@@ -51,8 +51,8 @@ def main() -> None:
     print(f"{'import torch':<40} {T_TORCH:8.2f} s")
     timed(steps, "import dictbench (cli, evaluate)", lambda: __import__("dictbench.evaluate"))
     tf = timed(steps, "import transformers model classes", _transformers)
-    from dictbench import model_cache
-    from dictbench.subject import _GGUF_FILE, embedded_model_folder
+    from dictbench.data import model_cache
+    from dictbench.data.subject import _GGUF_FILE, embedded_model_folder
 
     where = embedded_model_folder()
     tok = timed(steps, "tokenizer from GGUF", lambda: tf.AutoTokenizer.from_pretrained(

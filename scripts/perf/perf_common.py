@@ -25,8 +25,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from dictbench import atomic
 from dictbench.allocator import keep_freed_memory
+from dictbench.io import atomic
 
 DEFAULT_OUT = Path("results/perf")
 
@@ -132,7 +132,7 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.2) -> Any:
 
 
 def load_embedded_model() -> Any:
-    from dictbench.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
+    from dictbench.data.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
 
     return SubjectModel.load(ModelSpec(name=EMBEDDED_MODEL, device="cpu"))
 

@@ -54,7 +54,7 @@ def _e2e_step() -> object:
     import perf_common as pc
     from bench_helpers import train_step
 
-    from dictbench.corpus import CorpusSpec, make_windows
+    from dictbench.data.corpus import CorpusSpec, make_windows
 
     subject = pc.load_embedded_model()
     windows = make_windows(subject.tokenizer, CorpusSpec(ctx_len=128), "train", 1, 0)
@@ -79,7 +79,7 @@ def _sae_step() -> object:
     from bench_helpers import train_step
 
     from dictbench import registry
-    from dictbench.trainer import make_optimizer
+    from dictbench.train.trainer import make_optimizer
 
     torch.manual_seed(0)
     x = torch.randn(4096, 576)

@@ -33,7 +33,7 @@ import perf_common as pc  # noqa: E402
 from bench_helpers import set_trained_sparsity, train_step  # noqa: E402
 
 from dictbench import registry  # noqa: E402
-from dictbench.trainer import make_optimizer  # noqa: E402
+from dictbench.train.trainer import make_optimizer  # noqa: E402
 
 
 def sync(device: str) -> None:

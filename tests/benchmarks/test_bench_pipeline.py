@@ -14,8 +14,8 @@ import torch
 from bench_helpers import D_IN, D_SAE
 
 from dictbench import registry
-from dictbench.cache import PendingHarvest, prepare, run_harvest
-from dictbench.corpus import CorpusSpec
+from dictbench.data.cache import PendingHarvest, prepare, run_harvest
+from dictbench.data.corpus import CorpusSpec
 from dictbench.tasks.base import TaskEnv
 
 pytestmark = pytest.mark.smollm2

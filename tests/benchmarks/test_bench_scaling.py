@@ -32,7 +32,7 @@ import harvest as harvest_perf  # noqa: E402
 import topk_scaling as topk_perf  # noqa: E402
 
 from dictbench import registry  # noqa: E402
-from dictbench.corpus import CorpusSpec, make_windows  # noqa: E402
+from dictbench.data.corpus import CorpusSpec, make_windows  # noqa: E402
 
 SIZES = [2304, 9216, 36864]
 

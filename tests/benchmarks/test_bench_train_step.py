@@ -13,7 +13,7 @@ import torch
 from bench_helpers import BATCH, D_IN, D_SAE, train_step
 
 from dictbench import registry
-from dictbench.trainer import make_optimizer
+from dictbench.train.trainer import make_optimizer
 from tests.method_names import downstream_methods, local_methods
 
 LOCAL = local_methods()  # every registered method that trains on activations alone
@@ -51,8 +51,8 @@ def test_sae_train_step(benchmark, name):
 def test_e2e_train_step(benchmark, smollm2, name):
     """e2e steps run the 23 layers after resid_post.6 twice (clean, and spliced with
     activation gradients), so they use 2 windows of 128 tokens instead of 4096 tokens."""
-    from dictbench.corpus import CorpusSpec, keep_positions, make_windows
-    from dictbench.trainer import DownstreamHandle, SequenceBatch
+    from dictbench.data.corpus import CorpusSpec, keep_positions, make_windows
+    from dictbench.train.trainer import DownstreamHandle, SequenceBatch
 
     hook, ctx, n_seq = "resid_post.6", 128, 2
     ids = torch.from_numpy(make_windows(smollm2.tokenizer, CorpusSpec(ctx_len=ctx), "train", 8, 0))

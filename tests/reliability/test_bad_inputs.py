@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from dictbench import cli as dictbench_cli
-from dictbench.corpus import in_eval_split
+from dictbench.data.corpus import in_eval_split
 
 MAX_LINE = 400  # one clear line, not a dump
 
@@ -205,10 +205,10 @@ def test_a_cache_entry_from_another_fingerprint_is_refused(
     # folder must not be taken for activations it does not hold.
     tiny_spec_data["seed"] = 1
     spec = write_spec(tmp_path, tiny_spec_data)
-    from dictbench.cache import fingerprint
-    from dictbench.corpus import CorpusSpec
+    from dictbench.data.cache import fingerprint
+    from dictbench.data.corpus import CorpusSpec
+    from dictbench.data.subject import SubjectModel
     from dictbench.spec import resolve
-    from dictbench.subject import SubjectModel
 
     resolved = resolve(str(spec))
     subject = SubjectModel.load(resolved.model)
@@ -299,7 +299,7 @@ def _sae_folder(folder: Path) -> Path:
     import torch
 
     from dictbench.baselines.l1 import L1SAE, L1Config
-    from dictbench.sae_io import save_sae
+    from dictbench.io.sae_io import save_sae
 
     torch.manual_seed(0)
     save_sae(L1SAE(L1Config(d_in=D_IN, d_sae=D_SAE)), folder, {"sae_id": "x", "hook": "h"})
@@ -395,7 +395,7 @@ SAE_CASES = {
 @pytest.mark.parametrize("case", list(SAE_CASES))
 def test_bad_sae_files_are_refused_in_one_line(case, tmp_path):
     from dictbench.errors import UserError
-    from dictbench.sae_io import load_sae
+    from dictbench.io.sae_io import load_sae
 
     damage, fragment = SAE_CASES[case]
     _Payload.marker = str(tmp_path / "pwned")

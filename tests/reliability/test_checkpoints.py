@@ -1,4 +1,4 @@
-"""Checkpoints (bench/checkpoint.py) and resumed training in one process.
+"""Checkpoints (bench/train/checkpoint.py) and resumed training in one process.
 
 Training is interrupted by making the test-only crash point raise instead of kill,
 then continued by a fresh SAE built the way the runner builds one. The result must
@@ -20,11 +20,12 @@ import pytest
 import torch
 from synthetic_sparse import D, sparse_store
 
-from dictbench import registry, trainer
-from dictbench.cache import harvest
-from dictbench.checkpoint import CheckpointError, CheckpointPlan, TrainState, load, read, save
-from dictbench.corpus import CorpusSpec
+from dictbench import registry
+from dictbench.data.cache import harvest
+from dictbench.data.corpus import CorpusSpec
 from dictbench.spec import BudgetSpec
+from dictbench.train import trainer
+from dictbench.train.checkpoint import CheckpointError, CheckpointPlan, TrainState, load, read, save
 from tests.method_names import local_methods, short_run_params
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -172,7 +173,7 @@ def test_checkpoint_restores_every_rng_stream(tmp_path):
 
 def test_cuda_rng_states_of_absent_gpus_are_skipped_on_resume(monkeypatch):
     """A checkpoint written with 2 GPUs visible resumes where only 1 is."""
-    from dictbench import checkpoint as ckpt_mod
+    from dictbench.train import checkpoint as ckpt_mod
 
     restored: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

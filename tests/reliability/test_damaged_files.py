@@ -133,8 +133,8 @@ def test_resume_cleans_an_unfinished_atomic_write(copy, original, capsys):
 def test_entries_over_the_size_limit_hash_a_sample_that_covers_both_ends(
     tiny_llama, tiny_corpus_dir, tmp_path, monkeypatch
 ):
-    from dictbench import cache
-    from dictbench.corpus import CorpusSpec
+    from dictbench.data import cache
+    from dictbench.data.corpus import CorpusSpec
 
     monkeypatch.setattr(cache, "FULL_HASH_MAX_BYTES", 0)  # as if the entry were huge
     corpus = CorpusSpec(

@@ -10,7 +10,7 @@ import socket
 import pytest
 from openai_stub_server import StubJudge
 
-from dictbench.judge import Judge, JudgeSettings
+from dictbench.score.judge import Judge, JudgeSettings
 
 MSG = [{"role": "user", "content": "explain"}]
 

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from dictbench import gguf_header, preflight
-from dictbench import subject as subject_mod
+from dictbench import preflight
+from dictbench.data import gguf_header
+from dictbench.data import subject as subject_mod
 from dictbench.errors import UserError
-from dictbench.lock import LOCK_NAME, RunLock
+from dictbench.io.lock import LOCK_NAME, RunLock
 from dictbench.spec import RunSpec, build, validate
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from dictbench.lock import RunLock
+from dictbench.io.lock import RunLock
 lock = RunLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
 time.sleep(120)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from dictbench import resources
-from dictbench.cache import harvest
-from dictbench.corpus import CorpusSpec
+from dictbench.data.cache import harvest
+from dictbench.data.corpus import CorpusSpec
 from dictbench.errors import UserError
 
 

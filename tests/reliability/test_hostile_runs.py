@@ -14,7 +14,7 @@ import yaml
 HOLD = """
 import sys, time
 from pathlib import Path
-from dictbench.lock import RunLock
+from dictbench.io.lock import RunLock
 lock = RunLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -114,7 +114,7 @@ def test_ctrl_c_during_harvest_exits_130_releases_the_lock_and_resumes(
     """Ctrl-C arrives as KeyboardInterrupt at a known point (the first harvested batch)."""
     from dictbench import cli as dictbench_cli
     from dictbench import faults
-    from dictbench.lock import LOCK_NAME
+    from dictbench.io.lock import LOCK_NAME
 
     real_point = faults.point
 

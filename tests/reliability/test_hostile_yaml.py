@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dictbench import check, safe_yaml
 from dictbench import cli as dictbench_cli
 from dictbench.errors import SpecError, UserError
+from dictbench.io import safe_yaml
+from dictbench.report import check
 from dictbench.spec import resolve
 
 # Nine levels of nine-fold aliases: 9**9 (387 million) list items once expanded.

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from reliability_helpers import KILLED, configs_of, results_of, snapshot, weights_of
 
-from dictbench.checkpoint import read as read_checkpoint
+from dictbench.train.checkpoint import read as read_checkpoint
 
 STEPS = 16  # budget.train_tokens 4096 / batch_size 256
 EVERY = 5  # checkpoint_every_steps
@@ -122,7 +122,7 @@ def test_training_resumes_from_the_last_checkpoint(chain):
     _, _, attempts = chain
     killed = attempts[1]
     ckpt = sorted(k for k in killed["files"] if k.startswith("checkpoints/"))
-    # l1 and topk train in lockstep (bench/lockstep.py): both checkpoint at step 5
+    # l1 and topk train in lockstep (bench/train/lockstep.py): both checkpoint at step 5
     assert ckpt == ["checkpoints/l1.safetensors", "checkpoints/topk.safetensors"]
     assert "results/l1/training.json" not in killed["files"]
     # killed before step 7; the last checkpoint was written after step 4 (every 5 steps)

@@ -13,11 +13,11 @@ import yaml
 from synthetic_sparse import sparse_store
 
 from dictbench import cli as dictbench_cli
-from dictbench import trainer
 from dictbench.baselines.l1 import L1SAE, L1Config
-from dictbench.checkpoint import CheckpointPlan, read
-from dictbench.leaderboard import table
+from dictbench.report.leaderboard import table
 from dictbench.spec import BudgetSpec
+from dictbench.train import trainer
+from dictbench.train.checkpoint import CheckpointPlan, read
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

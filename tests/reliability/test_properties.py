@@ -30,11 +30,11 @@ from safetensors.torch import load_file, save_file
 
 from dictbench import cli as dictbench_cli
 from dictbench.baselines.l1 import L1SAE, L1Config
-from dictbench.cache import ActivationStore, CacheDamaged, harvest
-from dictbench.checkpoint import CheckpointError, TrainState, read, save
-from dictbench.corpus import CorpusSpec
+from dictbench.data.cache import ActivationStore, CacheDamaged, harvest
+from dictbench.data.corpus import CorpusSpec
 from dictbench.errors import UserError
-from dictbench.sae_io import CONFIG, WEIGHTS, load_sae, save_sae
+from dictbench.io.sae_io import CONFIG, WEIGHTS, load_sae, save_sae
+from dictbench.train.checkpoint import CheckpointError, TrainState, read, save
 
 SETTINGS = settings(
     max_examples=50,

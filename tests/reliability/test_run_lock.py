@@ -1,4 +1,4 @@
-"""One writer per run folder (bench/lock.py), with holders that are real processes."""
+"""One writer per run folder (bench/io/lock.py), with holders that are real processes."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from dictbench import lock as lockmod
 from dictbench.errors import UserError
-from dictbench.lock import LOCK_NAME, RunLock
+from dictbench.io import lock as lockmod
+from dictbench.io.lock import LOCK_NAME, RunLock
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from dictbench.lock import RunLock
+from dictbench.io.lock import RunLock
 lock = RunLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
 time.sleep(120)

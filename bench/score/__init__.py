@@ -1,0 +1,7 @@
+"""Scoring shared by ``dictbench run`` and ``dictbench eval``: one SAE's pass over
+the tasks (``scoring``), each metric's declaration (better direction, tolerance,
+headline) and where those facts are read from, the result records that carry
+them, and what task modules share (the LLM judge, the SAE-independent results of
+``dictbench eval``). The tasks themselves are ``dictbench.tasks``; training writes
+its own ``training`` record through ``records`` here.
+"""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dictbench import registry
+from dictbench.console import log
 from dictbench.data.cache import ActivationStore, default_cache_root, prepare, run_harvest
 from dictbench.data.subject import SubjectModel
 from dictbench.errors import UserError
@@ -27,10 +28,6 @@ from dictbench.resources import available_gpu_bytes, available_ram_bytes
 from dictbench.score import eval_shared
 from dictbench.score.scoring import build_env, record_context
 from dictbench.spec import RunSpec
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 @dataclass
@@ -66,13 +63,6 @@ def _train_mean(
             raise UserError(f"--mean-tokens: must be positive, got {mean_tokens}")
         n = mean_tokens
     return pending(n), {"source": PARTIAL_MEAN, "tokens": n}
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot write to '{out}' ({e.strerror})") from e
 
 
 def _subject(spec: RunSpec, subjects: dict[str, SubjectModel]) -> SubjectModel:

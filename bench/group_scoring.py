@@ -23,13 +23,10 @@ from typing import Any
 import torch
 
 from dictbench import faults
+from dictbench.console import log
 from dictbench.score.records import write_record
 from dictbench.score.scoring import score_sae
 from dictbench.tasks.base import TaskEnv, TaskSkipped
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 @dataclass

@@ -52,7 +52,7 @@ saebench-setup:
 
 # `dictbench eval` against SAEBench's core eval, 1 SAE and 8 SAEs (~30 min on 2 cores).
 bench-vs-saebench: $(STAMP) saebench-setup
-	$(BIN)/python scripts/vs_saebench.py --saes 8 --out results/perf
+	$(BIN)/python scripts/vs_saebench.py --saes 8 --warm --out results/perf
 
 quickstart: $(STAMP)
 	$(BIN)/dictbench run

@@ -35,6 +35,7 @@ from dictbench.baselines.init import (
     unit_rows,
 )
 from dictbench.registry import register_baseline
+from dictbench.score.divergence import kl_clean_to_sae
 
 
 @dataclass
@@ -43,11 +44,6 @@ class E2EConfig(BaselineConfig):
     kl_coefficient: float = 1.0
     sparsity_warmup_frac: float = 0.05
     grad_clip: float | None = 10.0
-
-
-def kl_clean_to_sae(lp_clean: torch.Tensor, lp_sae: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_clean || p_sae), both given as log-probabilities."""
-    return (lp_clean.exp() * (lp_clean - lp_sae)).sum(-1).mean()
 
 
 @register_baseline

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from dictbench.baselines.base import LossOutput, SAELensExport
-from dictbench.baselines.e2e import E2ESAE, E2EConfig, kl_clean_to_sae
+from dictbench.baselines.e2e import E2ESAE, E2EConfig
 from dictbench.registry import register_baseline
+from dictbench.score.divergence import kl_clean_to_sae
 
 
 @dataclass

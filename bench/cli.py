@@ -74,7 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dictbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    _add_list_parser(sub)
 
+    from dictbench import commands
+
+    for mod_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"dictbench.commands.{mod_info.name}").register(sub)
+    return parser
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """The `run` subcommand's arguments: the largest subcommand, kept apart from the
+    parser's assembly so each reads as one step."""
     p_run = sub.add_parser(
         "run",
         help="harvest activations, train the spec's SAEs, score them, print a leaderboard",
@@ -120,16 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_run.set_defaults(func=_cmd_run)
 
+
+def _add_list_parser(sub: argparse._SubParsersAction) -> None:
+    """The `list` subcommand: reads names from source, so it is marked as not needing
+    torch (main then skips the start-up settings torch reads)."""
     p_list = sub.add_parser(
         "list", help="show registered baselines, tasks and presets", description="List registries."
     )
     p_list.set_defaults(func=_cmd_list, needs_torch=False)
-
-    from dictbench import commands
-
-    for mod_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"dictbench.commands.{mod_info.name}").register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,13 @@ from typing import Any
 
 from dictbench import registry
 from dictbench.console import log
-from dictbench.data.cache import ActivationStore, default_cache_root, prepare, run_harvest
+from dictbench.data.cache import (
+    ActivationStore,
+    EntryRequest,
+    default_cache_root,
+    prepare,
+    run_harvest,
+)
 from dictbench.data.subject import SubjectModel
 from dictbench.errors import UserError
 from dictbench.group_scoring import Member, chunks, parameter_bytes, score_members, shares_passes
@@ -49,7 +55,8 @@ def _train_mean(
     """The store whose mean is the mean-ablation baseline, and what eval.json says of it."""
 
     def pending(n: int) -> Any:
-        return prepare(subject, spec.hook, spec.corpus, "train", n, spec.seed, root, log=log)
+        request = EntryRequest(spec.corpus, "train", n, spec.seed)
+        return prepare(subject, spec.hook, request, root, log)
 
     if mean_tokens is None:
         full = pending(spec.budget.train_tokens)
@@ -100,9 +107,8 @@ def prepare_group(group: Group, subjects: dict, mean_tokens: int | None) -> Prep
                 "naming the model it was trained on"
             )
     root = Path(spec.cache_dir) if spec.cache_dir else default_cache_root()
-    pending_eval = prepare(
-        subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, root, log=log
-    )
+    request = EntryRequest(spec.corpus, "eval", spec.eval.tokens, spec.seed)
+    pending_eval = prepare(subject, spec.hook, request, root, log)
     pending_mean, mean_info = _train_mean(subject, spec, root, mean_tokens)
     sizes = [parameter_bytes(sae.module) for sae in group.saes]
     return Prepared(subject, pending_eval, pending_mean, mean_info, sizes)
@@ -153,17 +159,28 @@ def score(group: Group, prep: Prepared, out_dir: Path, info: dict, reload: Any) 
         # with a run's as if they were (the leaderboard and `check` refuse the mix).
         n_mean = mean_info["tokens"]
         task_context["downstream"] = {"mean_ablation": f"first {n_mean} training tokens"}
-    _score_chunks(group, prep, env, out_dir, context, task_context, entries, reload)
+    records = GroupRecords(out_dir, context, task_context)
+    _score_chunks(group, prep, env, records, entries, reload)
     eval_shared.save(env, eval_store, mean_store)
+
+
+@dataclass(frozen=True)
+class GroupRecords:
+    """Where a group's records go and what every one of them carries besides its SAE's id
+    and method: the eval folder, the group's record context, and additions for single
+    tasks (the note on a partial mean-ablation). Fixed for the group: every chunk writes
+    with the same three."""
+
+    out_dir: Path
+    context: dict[str, Any]
+    task_context: dict[str, dict[str, Any]]
 
 
 def _score_chunks(
     group: Group,
     prep: Prepared,
     env: Any,
-    out_dir: Path,
-    context: dict[str, Any],
-    task_context: dict[str, dict[str, Any]],
+    records: GroupRecords,
     entries: list[dict[str, Any]],
     reload: Any,
 ) -> None:
@@ -174,8 +191,8 @@ def _score_chunks(
     # Without a task that shares passes there is nothing to gain from holding several.
     budget = together_budget(device) if any(map(shares_passes, tasks)) else 0
     for idx in chunks(prep.sae_bytes, budget):
-        members = [_member(group.saes[i], reload, device, context) for i in idx]
-        seconds = score_members(members, tasks, env, out_dir, task_context)
+        members = [_member(group.saes[i], reload, device, records.context) for i in idx]
+        seconds = score_members(members, tasks, env, records.out_dir, records.task_context)
         for i, s in zip(idx, seconds, strict=True):
             entries[i]["seconds"] = s
         del members  # only this chunk's SAEs are in memory at a time

@@ -209,13 +209,31 @@ def _check_hook(loaded: LoadedSAE, spec: RunSpec) -> None:
 # --- scoring ------------------------------------------------------------------------------
 
 
-def _groups(
-    loaded: list[LoadedSAE], spec_path: str | None, preset: str | None, overrides, tasks
-) -> list[Group]:
+@dataclass(frozen=True)
+class EvalRequest:
+    """What `dictbench eval` is asked besides which SAEs: the spec to score under
+    (``--spec``/``--preset``, ``--set`` overrides, ``--tasks``), where the records go and
+    under which id, the mean-ablation token count, and how the SAEs are read
+    (``--trust-code``, ``--match``). One object: the command line hands them over together."""
+
+    spec_path: str | None = None
+    preset: str | None = None
+    overrides: list[str] | None = None
+    tasks: list[str] | None = None
+    out: str | Path | None = None
+    sae_id: str | None = None
+    mean_tokens: int | None = None
+    trust_code: bool = False
+    match: str | None = None
+
+
+def _groups(loaded: list[LoadedSAE], req: EvalRequest) -> list[Group]:
     groups: dict[str, Group] = {}
     follow = len(loaded) > 1
     for sae in loaded:
-        spec, source = resolve_spec(sae, spec_path, preset, overrides, tasks, follow_hook=follow)
+        spec, source = resolve_spec(
+            sae, req.spec_path, req.preset, req.overrides, req.tasks, follow_hook=follow
+        )
         key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
         groups.setdefault(key, Group(spec, source, [])).saes.append(sae)
     return list(groups.values())
@@ -240,38 +258,29 @@ def load_sources(
 
 
 def evaluate(path: str | Path, **kwargs: Any) -> Path:
-    """Score the SAE at ``path`` (see :func:`evaluate_many`); returns the output folder."""
-    return evaluate_many([path], **kwargs)
+    """Score the SAE at ``path``; ``kwargs`` are :class:`EvalRequest`'s fields (see
+    :func:`evaluate_many`). Returns the output folder."""
+    return evaluate_many([path], EvalRequest(**kwargs))
 
 
-def evaluate_many(
-    paths: list[str | Path],
-    spec_path: str | None = None,
-    preset: str | None = None,
-    overrides: list[str] | None = None,
-    tasks: list[str] | None = None,
-    out: str | Path | None = None,
-    sae_id: str | None = None,
-    mean_tokens: int | None = None,
-    trust_code: bool = False,
-    match: str | None = None,
-) -> Path:
+def evaluate_many(paths: list[str | Path], req: EvalRequest | None = None) -> Path:
     """Score every SAE the paths name and write their records into one run folder.
     Everything is loaded and checked (formats, specs, widths, corpus) before anything is
     written; with several SAEs their weights are then let go and read again a chunk at a
     time (as many as share the clean downstream passes within a memory budget:
     ``eval_groups.together_budget``), so a whole release never sits in memory at once."""
+    req = req or EvalRequest()
     t0 = time.perf_counter()
-    loaded = load_sources(paths, match=match, trust_code=trust_code)
-    if sae_id:
+    loaded = load_sources(paths, match=req.match, trust_code=req.trust_code)
+    if req.sae_id:
         if len(loaded) > 1:
             raise UserError("--sae-id: names one SAE, but the arguments name several")
-        loaded[0].sae_id = sae_id
-    groups = _groups(loaded, spec_path, preset, overrides, tasks)
+        loaded[0].sae_id = req.sae_id
+    groups = _groups(loaded, req)
     default = f"eval-{loaded[0].sae_id}" if len(loaded) == 1 else f"eval-{len(loaded)}-saes"
-    out_dir = Path(out) if out else Path("runs") / default
+    out_dir = Path(req.out) if req.out else Path("runs") / default
     subjects: dict[str, SubjectModel] = {}
-    prepared = [prepare_group(group, subjects, mean_tokens) for group in groups]
+    prepared = [prepare_group(group, subjects, req.mean_tokens) for group in groups]
     if len(loaded) > 1:
         for sae in loaded:
             sae.module = None  # type: ignore[assignment]  # read again when scored
@@ -279,7 +288,7 @@ def evaluate_many(
     info: dict[str, Any] = {"status": "running", "saes": [], "groups": []}
     info["versions"] = {"dictbench": __version__, "torch": torch.__version__}
     for group, prep in zip(groups, prepared, strict=True):
-        score(group, prep, out_dir, info, lambda p: load_any(p, trust_code=trust_code))
+        score(group, prep, out_dir, info, lambda p: load_any(p, trust_code=req.trust_code))
     info.update(status="complete", wall_seconds=time.perf_counter() - t0)
     if len(loaded) == 1:  # the single-SAE layout eval.json has always had
         info["sae"] = info["saes"][0]

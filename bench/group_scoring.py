@@ -24,7 +24,7 @@ import torch
 
 from dictbench import faults
 from dictbench.console import log
-from dictbench.score.records import write_record
+from dictbench.score.records import RecordTarget, write_record
 from dictbench.score.scoring import score_sae
 from dictbench.tasks.base import TaskEnv, TaskSkipped
 
@@ -80,6 +80,9 @@ def score_members(
     together = [task for task in tasks if shares_passes(task)]
     alone = [task for task in tasks if not shares_passes(task)]
     modules = [m.module for m in members]
+    targets = [
+        RecordTarget(out, m.sae_id, m.method, m.context, task_context or {}) for m in members
+    ]
     for task in together:
         who = members[0].sae_id if len(members) == 1 else f"{len(members)} SAEs together"
         log(f"scoring {who}: {task.name} ...")
@@ -92,15 +95,11 @@ def score_members(
             continue
         share = (time.perf_counter() - t0) / len(members)
         for i, (m, res) in enumerate(zip(members, results, strict=True)):
-            ctx = {**m.context, **(task_context or {}).get(task.name, {})}
-            write_record(
-                out, m.sae_id, m.method, task.name, res.metrics, res.details,
-                res.eval_tokens, ctx, share,
-            )  # fmt: skip
+            write_record(targets[i], task.name, res.metrics, res.details, res.eval_tokens, share)
             faults.point(f"record:{m.sae_id}/{task.name}")
             seconds[i] += share
     for i, m in enumerate(members):
         t0 = time.perf_counter()
-        score_sae(m.module, m.sae_id, m.method, alone, env, out, m.context, task_context)
+        score_sae(m.module, targets[i], alone, env)
         seconds[i] += time.perf_counter() - t0
     return seconds

@@ -15,6 +15,7 @@ from dictbench import faults
 from dictbench.console import log
 from dictbench.io.sae_io import WEIGHTS, load_sae
 from dictbench.run_plan import PlannedSAE
+from dictbench.score.records import RecordTarget
 from dictbench.score.scoring import Scoring, score_sae
 from dictbench.spec import RunSpec
 from dictbench.train import resume
@@ -53,7 +54,7 @@ def resume_sae(p: PlannedSAE, sc: Scoring) -> bool | None:
     sae, _ = load_sae(out / "saes" / p.sae_id, trust_code=True)  # our run: its spec named it
     sae.to(env.device)
     t = time.perf_counter()
-    score_sae(sae, p.sae_id, p.method, todo, env, out, context, sc.task_context)
+    score_sae(sae, RecordTarget(out, p.sae_id, p.method, context, sc.task_context), todo, env)
     entry = timings["saes"].setdefault(p.sae_id, {})
     entry["eval_s"] = entry.get("eval_s", 0.0) + time.perf_counter() - t
     faults.point(f"sae_done:{p.sae_id}")

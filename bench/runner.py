@@ -17,7 +17,13 @@ from typing import Any
 
 from dictbench import faults, registry
 from dictbench.console import check_writable, log
-from dictbench.data.cache import ActivationStore, default_cache_root, prepare, run_harvest
+from dictbench.data.cache import (
+    ActivationStore,
+    EntryRequest,
+    default_cache_root,
+    prepare,
+    run_harvest,
+)
 from dictbench.data.subject import SubjectModel
 from dictbench.data.synthetic import make_stores, one_thread
 from dictbench.errors import UserError
@@ -34,6 +40,7 @@ from dictbench.run_plan import (  # noqa: F401 - re-exported: importers use thes
     shard_saes,
 )
 from dictbench.run_resume import previous_run, resume_sae
+from dictbench.score.records import RecordTarget
 from dictbench.score.scoring import (  # noqa: F401 - re-exported: importers use these names
     Scoring,
     build_env,
@@ -139,20 +146,12 @@ def _load_and_run(run: RunContext) -> Path:
     t = time.perf_counter()
     # Choosing the token windows first makes corpus errors (too short, bad field) fail
     # the run before it writes anything.
-    pending_train = prepare(
-        subject,
-        spec.hook,
-        spec.corpus,
-        "train",
-        spec.budget.train_tokens,
-        spec.seed,
-        cache_root,
-        log=log,
-        dtype=spec.budget.cache_dtype,
+    train = EntryRequest(
+        spec.corpus, "train", spec.budget.train_tokens, spec.seed, spec.budget.cache_dtype
     )
-    pending_eval = prepare(
-        subject, spec.hook, spec.corpus, "eval", spec.eval.tokens, spec.seed, cache_root, log=log
-    )
+    pending_train = prepare(subject, spec.hook, train, cache_root, log)
+    evaluation = EntryRequest(spec.corpus, "eval", spec.eval.tokens, spec.seed)
+    pending_eval = prepare(subject, spec.hook, evaluation, cache_root, log)
     timings["tokenize_s"] = time.perf_counter() - t
     return _run_locked(run, subject, pending_train, pending_eval)
 
@@ -323,7 +322,8 @@ def _train_and_score_all(run: RunContext, data: TrainingData, sc: Scoring) -> li
         sae = save_trained(p, member, res, sc.out, ctx, how)
         sae.to(sc.env.device)
         t = time.perf_counter()
-        score_sae(sae, p.sae_id, p.method, sc.tasks, sc.env, sc.out, ctx, sc.task_context)
+        target = RecordTarget(sc.out, p.sae_id, p.method, ctx, sc.task_context)
+        score_sae(sae, target, sc.tasks, sc.env)
         sc.timings["saes"][p.sae_id] = {
             "train_s": res.wall_seconds,
             "eval_s": time.perf_counter() - t,

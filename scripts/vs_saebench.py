@@ -20,6 +20,14 @@ Setup, once: `make saebench-setup` (SAEBench, SAELens and TransformerLens in
 
     python scripts/vs_saebench.py --saes 8                  # 4+4 batches of 16 x 128
     python scripts/vs_saebench.py --saes 8 --batches 1      # a quicker check
+    python scripts/vs_saebench.py --saes 8 --warm           # also dictbench with a warm cache
+
+--warm adds a third side, ``dictbench-warm``: the same dictbench call again, a fresh
+process on the activation cache the cold call filled (the evaluation activations, the
+training mean and the stored ablated losses), which is what every later eval at that
+model, hook and corpus gets. --sides picks the sides to run; with --work naming the
+scratch folder of an earlier comparison, ``--sides dictbench-warm`` adds only the warm
+rows (to --csv, so the earlier CSV stays).
 
 The model reaches SAEBench by its hub id through a private Hugging Face cache built
 here from the embedded model's de-quantised weights (HF_HUB_OFFLINE=1); the data is
@@ -83,6 +91,9 @@ def make_saes(folder: Path, n: int, d_sae: int, ctx: int) -> list[Path]:
     naming the model by its hub id (for SAEBench; dictbench reads its own key)."""
     out = []
     for i in range(n):
+        if (folder / "saelens" / f"sae{i}" / "cfg.json").is_file():  # an earlier comparison's
+            out.append(folder / "saelens" / f"sae{i}")
+            continue
         torch.manual_seed(i)
         sae = L1SAE(L1Config(d_in=576, d_sae=d_sae))
         own = folder / "dictbench" / f"sae{i}"
@@ -149,22 +160,33 @@ def cold_cache(work: Path, n: int) -> Path:
     return root
 
 
+def side_command(side: str, n: int, saes: list[Path], work: Path, args) -> tuple:
+    """(command, environment, output folder) of one side's call on the first n SAEs."""
+    tokens = args.batches * args.prompts * args.ctx
+    base = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    out = work / f"{side}-{n}"
+    if side == "SAEBench":
+        peer_env = {**base, "HF_HOME": str(work / "hf"), "HF_DATASETS_OFFLINE": "1"}
+        peer_env["WANDB_MODE"] = "disabled"
+        return saebench_cmd(saes[:n], work, out, args), peer_env, out
+    if side == "dictbench":
+        env = {**base, "DICTBENCH_CACHE": str(cold_cache(work, n))}
+    else:  # dictbench-warm: the cache the cold call filled
+        filled = work / f"cache-{n}"
+        if not filled.is_dir():
+            raise SystemExit(f"dictbench-warm needs {filled}: run side dictbench first")
+        env = {**base, "DICTBENCH_CACHE": str(filled)}
+    return dictbench_cmd(saes[:n], out, tokens), env, out
+
+
 def run_all(saes: list[Path], work: Path, args) -> list[dict]:
     """Every (side, number of SAEs) run; the CSV is rewritten after each, so an
     interrupted comparison keeps what it measured."""
     tokens = args.batches * args.prompts * args.ctx
-    base = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    peer_env = {**base, "HF_HOME": str(work / "hf"), "HF_DATASETS_OFFLINE": "1"}
-    peer_env["WANDB_MODE"] = "disabled"
     rows = []
     for n in (1, len(saes)) if len(saes) > 1 else (1,):
-        for side in ("SAEBench", "dictbench"):
-            out = work / f"{side}-{n}"
-            if side == "SAEBench":
-                cmd, env = saebench_cmd(saes[:n], work, out, args), peer_env
-            else:
-                env = {**base, "DICTBENCH_CACHE": str(cold_cache(work, n))}
-                cmd = dictbench_cmd(saes[:n], out, tokens)
+        for side in args.sides:
+            cmd, env, out = side_command(side, n, saes, work, args)
             load0 = pc.load_average()
             wall, rss = measured(cmd, env, work / f"{side}-{n}.log")
             load1 = pc.load_average()
@@ -174,7 +196,7 @@ def run_all(saes: list[Path], work: Path, args) -> list[dict]:
                 "s_per_sae": wall / n, "peak_rss_mib": rss, "ce_score_sae0": headline(side, out),
                 "load_before": load0, "load_after": load1, "cpus": os.cpu_count(),
             })  # fmt: skip
-            pc.write_csv(pd.DataFrame(rows), args.out / "vs_saebench.csv")
+            pc.write_csv(pd.DataFrame(rows), args.out / args.csv)
     return rows
 
 
@@ -190,20 +212,30 @@ def main() -> None:
         "--model-cache", type=Path, default=None,
         help="a dictbench cache folder whose de-quantised model copy to reuse (default: new)",
     )  # fmt: skip
+    p.add_argument("--warm", action="store_true", help="also run side dictbench-warm")
+    p.add_argument(
+        "--sides", nargs="+", choices=("SAEBench", "dictbench", "dictbench-warm"),
+        default=None, help="the sides to run, in this order (default: SAEBench dictbench)",
+    )  # fmt: skip
+    p.add_argument("--csv", default="vs_saebench.csv", help="file name under --out")
     args = p.parse_args()
-    if not PEER_PYTHON.exists():
+    if args.sides is None:
+        args.sides = ["SAEBench", "dictbench"] + (["dictbench-warm"] if args.warm else [])
+    if "SAEBench" in args.sides and not PEER_PYTHON.exists():
         raise SystemExit(f"{PEER_PYTHON} not found: run `make saebench-setup` first")
     work = args.work or Path(tempfile.mkdtemp(prefix="vs_saebench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"scratch folder {work}: hub cache, data, SAEs ...")
     # where the model's copy is read or written once; cold_cache links it
     os.environ["DICTBENCH_CACHE"] = str((args.model_cache or work / "model-cache").resolve())
-    make_hub_cache(work / "hf")
-    make_dataset(work / "data")
+    if not (work / "hf").exists():  # an earlier comparison's scratch folder keeps these
+        make_hub_cache(work / "hf")
+    if not (work / "data").exists():
+        make_dataset(work / "data")
     saes = make_saes(work / "saes", args.saes, args.d_sae, args.ctx)
     args.out.mkdir(parents=True, exist_ok=True)
     run_all(saes, work, args)
-    print(f"wrote {args.out / 'vs_saebench.csv'}; logs and outputs in {work}")
+    print(f"wrote {args.out / args.csv}; logs and outputs in {work}")
 
 
 if __name__ == "__main__":

@@ -189,14 +189,12 @@ class Absorption(Task):
             truth = core.fit_ground_truth(x, y, is_test, env.seed)
             env.shared[key] = (x, y, is_test, truth, len(words))
         x, y, is_test, truth, n_words = env.shared[key]
-        return score(sae, x, y, is_test, truth, opts, env, n_words)
+        return score(sae, core.WordSet(x, y, is_test), truth, opts, env, n_words)
 
 
 def score(
     sae: torch.nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
-    is_test: np.ndarray,
+    words: core.WordSet,
     truth: core.GroundTruth,
     opts: dict[str, Any],
     env: TaskEnv,
@@ -206,7 +204,7 @@ def score(
     params = core.AbsorptionParams(
         opts["max_k"], opts["split_threshold"], opts["cos_threshold"], opts["full_fraction"]
     )
-    per_letter = core.measure(sae, x, y, is_test, truth, params, env.seed, env.device)
+    per_letter = core.measure(sae, words, truth, params, env.seed, env.device)
     summary = core.summarise(per_letter)
     weak = truth.accuracy < opts["probe_floor"]
     metrics = dict(summary)
@@ -215,7 +213,7 @@ def score(
         "weak_model": weak,
         "probe_floor": opts["probe_floor"],
         "n_words": n_words,
-        "n_test_words": int(is_test.sum()),
+        "n_test_words": int(words.is_test.sum()),
         "per_letter": per_letter,
     }
     if weak:
@@ -225,4 +223,4 @@ def score(
         }
         for k in details["unguarded"]:
             metrics[k] = float("nan")
-    return TaskResult(metrics, details, eval_tokens=int(len(x)))
+    return TaskResult(metrics, details, eval_tokens=int(len(words.x)))

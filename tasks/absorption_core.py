@@ -103,18 +103,28 @@ def word_absorption(
     return absorbed, full, frac
 
 
+@dataclass(frozen=True)
+class WordSet:
+    """The spelling words as the task sees them: hook activations at each word's token
+    ``x`` [n, d], its first-letter index ``y`` and the held-out mask. One object because
+    the probe, the main-latent search and the measurement all read the three together."""
+
+    x: np.ndarray
+    y: np.ndarray
+    is_test: np.ndarray
+
+
 @torch.no_grad()
 def measure(
     sae: torch.nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
-    is_test: np.ndarray,
+    words: WordSet,
     truth: GroundTruth,
     params: AbsorptionParams,
     seed: int,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Per-letter absorption over held-out words the ground-truth probe gets right."""
+    x, y, is_test = words.x, words.y, words.is_test
     f = sae.encode(torch.from_numpy(x).to(device)).float().cpu().numpy()
     w_dec = sae.W_dec.detach().float().cpu().numpy()
     dec_unit = w_dec / np.linalg.norm(w_dec, axis=1, keepdims=True).clip(1e-12)

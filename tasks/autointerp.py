@@ -101,16 +101,7 @@ def prepare_latents(sae: torch.nn.Module, env: TaskEnv, opts: AutointerpOptions)
     tok = env.subject.tokenizer
     items = []
     for j, latent in enumerate(sampled.tolist()):
-        sel = select_windows(
-            wmax[:, j],
-            latent_rng(env.seed, latent, STREAM_SELECT),
-            opts.n_explain_top,
-            opts.n_explain_quantiles,
-            opts.n_detect_top,
-            opts.n_detect_quantile,
-            opts.n_detect_random,
-            opts.n_fuzz if "fuzzing" in opts.scorers else 0,
-        )
+        sel = select_windows(wmax[:, j], latent_rng(env.seed, latent, STREAM_SELECT), opts)
         explain, windows = _explain_set(scan, env, tok, latent, sel.explain, opts)
         pos_ids = scan.token_ids(env.eval_token_ids, sel.detect_pos)
         neg_ids = scan.token_ids(env.eval_token_ids, sel.detect_neg)

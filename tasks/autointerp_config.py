@@ -76,14 +76,18 @@ class AutointerpOptions:
     max_tokens: int | None = None  # held-out tokens scanned for examples (default: all)
 
     @property
+    def fuzz_windows(self) -> int:
+        """Activating windows held out for fuzzing: none unless fuzzing is a scorer."""
+        return self.n_fuzz if "fuzzing" in self.scorers else 0
+
+    @property
     def needed_active(self) -> int:
-        fuzz = self.n_fuzz if "fuzzing" in self.scorers else 0
         return (
             self.n_explain_top
             + self.n_explain_quantiles
             + self.n_detect_top
             + self.n_detect_quantile
-            + fuzz
+            + self.fuzz_windows
         )
 
     def public(self) -> dict[str, Any]:

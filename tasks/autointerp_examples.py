@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dictbench.tasks.autointerp_config import AutointerpOptions
+
 
 @dataclass
 class Layout:
@@ -118,17 +120,14 @@ class WindowScanner:
 
 
 def select_windows(
-    wmax: np.ndarray,
-    rng: np.random.Generator,
-    n_explain_top: int,
-    n_explain_quantiles: int,
-    n_detect_top: int,
-    n_detect_quantile: int,
-    n_detect_random: int,
-    n_fuzz: int,
+    wmax: np.ndarray, rng: np.random.Generator, opts: AutointerpOptions
 ) -> Selection:
     """``wmax`` [n_windows] is one latent's window maxima; the caller checked that it has
-    enough activating and non-activating windows (``needed_windows``)."""
+    enough activating and non-activating windows (``opts.needed_active``). How many of
+    each kind are taken: ``opts``' ``n_explain_*``, ``n_detect_*`` and ``fuzz_windows``."""
+    n_explain_top, n_explain_quantiles = opts.n_explain_top, opts.n_explain_quantiles
+    n_detect_top, n_detect_quantile = opts.n_detect_top, opts.n_detect_quantile
+    n_detect_random, n_fuzz = opts.n_detect_random, opts.fuzz_windows
     active = np.flatnonzero(wmax > 0)
     order = active[np.lexsort((active, -wmax[active]))]  # by activation, ties by index
     explain = [int(i) for i in order[:n_explain_top]]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dictbench.registry import register_task
+from dictbench.score.divergence import kl_by_position
 from dictbench.score.metric_meta import Metric
 from dictbench.tasks.base import Task, TaskEnv, TaskResult
 
@@ -138,7 +139,7 @@ class Downstream(Task):
             for i, sae in enumerate(saes):
                 lp_sae = _pred_logprobs(env, _splice(sae, x, keep), ids)
                 nll_sae[i] += _target_nll(lp_sae, ids)[0]
-                kl = (p_clean * (lp_clean - lp_sae)).sum(-1)
+                kl = kl_by_position(lp_clean, lp_sae, p_clean)
                 kl_sum[i] += float(kl.double().sum())
             n_pred += x.shape[0] * (ids.shape[1] - 2)
         ce_zero, ce_mean = ablation_losses(env, n_seq, seqs_per_batch)

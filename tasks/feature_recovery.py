@@ -32,6 +32,7 @@ i-th most frequent, so a method that only finds common features shows it there).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,125 @@ def _pearson(
 
 def _mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(values[mask].mean()) if bool(mask.any()) else float("nan")
+
+
+@dataclass(frozen=True)
+class _Matching:
+    """Each true feature's matched latent (best signed cosine), whether it counts as
+    recovered, and how much of d_i the matched latent writes per unit of activation:
+    what every per-token sum and metric is measured against, computed once per SAE."""
+
+    cos: torch.Tensor  # [N, M]
+    best_cos: torch.Tensor  # [N]
+    match: torch.Tensor  # [N] latent index
+    recovered: torch.Tensor  # [N] bool
+    proj: torch.Tensor  # [N] <w_j*, d_i>
+
+    @classmethod
+    def of(cls, features: np.ndarray, w_dec: torch.Tensor, thr: float) -> _Matching:
+        """The matching of the true unit ``features`` to the decoder rows ``w_dec``."""
+        cos = cosine_matrix(features, w_dec)
+        best_cos, match = cos.max(dim=1)
+        w = w_dec.detach().double().cpu()
+        feats = torch.from_numpy(np.asarray(features, dtype=np.float64))
+        proj = (w[match] * feats).sum(-1)
+        return cls(cos, best_cos, match, best_cos >= thr, proj)
+
+
+class _RunningSums:
+    """Per-feature float64 running sums over the eval tokens (and the data's own sums
+    for its variance): kept apart from ``FeatureRecovery.run`` so the loop over tokens
+    reads as one step and the metrics are read off the sums afterwards."""
+
+    def __init__(self, matching: _Matching) -> None:
+        self.matching = matching
+        n_feat = matching.cos.shape[0]
+        (
+            self.sa,
+            self.sc,
+            self.saa,
+            self.scc,
+            self.sac,
+            self.shrink_num,
+            self.shrink_den,
+            self.true_pos,
+            self.fired_true,
+            self.fired_latent,
+        ) = (torch.zeros(n_feat, dtype=torch.float64) for _ in range(10))
+        self.n = 0
+        self.x_sum: torch.Tensor | None = None
+        self.x_sq: torch.Tensor | None = None
+
+    def add(self, f: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> None:
+        """One batch: latent codes ``f``, true coefficients ``c``, activations ``x``."""
+        a = f[:, self.matching.match.to(x.device)].double().cpu()
+        xd = x.double().cpu()
+        self.n += x.shape[0]
+        self.sa += a.sum(0)
+        self.sc += c.sum(0)
+        self.saa += (a * a).sum(0)
+        self.scc += (c * c).sum(0)
+        self.sac += (a * c).sum(0)
+        on_c, on_a = c > 0, a != 0
+        both = on_c & on_a
+        amp = a * self.matching.proj
+        self.shrink_num += torch.where(both, amp * c, 0.0).sum(0)
+        self.shrink_den += torch.where(both, c * c, 0.0).sum(0)
+        self.true_pos += both.sum(0)
+        self.fired_true += on_c.sum(0)
+        self.fired_latent += on_a.sum(0)
+        self.x_sum = xd.sum(0) if self.x_sum is None else self.x_sum + xd.sum(0)
+        self.x_sq = xd.pow(2).sum(0) if self.x_sq is None else self.x_sq + xd.pow(2).sum(0)
+
+    def pearson(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coef_corr per feature, defined) from the sums: both metrics and details use it."""
+        return _pearson(float(self.n), self.sa, self.sc, self.saa, self.scc, self.sac)
+
+    def recovery_metrics(self) -> dict[str, float]:
+        """The metrics read off the matching and the sums (the module docstring's list),
+        in the order the records hold them."""
+        m = self.matching
+        corr, defined = self.pearson()
+        den = self.shrink_den[m.recovered].sum()
+        shrinkage = float(self.shrink_num[m.recovered].sum() / den) if den > 0 else float("nan")
+        recall = self.true_pos / self.fired_true.clamp_min(1)
+        precision = self.true_pos / self.fired_latent.clamp_min(1)
+        return {
+            "mmcs_true_to_learned": float(m.best_cos.mean()),
+            "mmcs_learned_to_true": float(m.cos.max(dim=0).values.mean()),
+            "frac_recovered": float(m.recovered.double().mean()),
+            "coef_corr": _mean(corr, defined),
+            "coef_corr_recovered": _mean(corr, defined & m.recovered),
+            "coef_shrinkage": shrinkage,
+            "detection_recall": _mean(recall, m.recovered & (self.fired_true > 0)),
+            "detection_precision": _mean(precision, m.recovered & (self.fired_latent > 0)),
+        }
+
+    def details(self, truth: Any, thr: float) -> dict[str, Any]:
+        """The data's reference points (true L0, the noise's FVU floor), recovery by
+        frequency quartile and the per-feature values."""
+        m, n = self.matching, self.n
+        corr, defined = self.pearson()
+        assert self.x_sum is not None and self.x_sq is not None
+        total_var = float((self.x_sq - self.x_sum.pow(2) / n).clamp_min(0).sum())
+        d_in = np.asarray(truth.features).shape[1]
+        return {
+            "cos_threshold": thr,
+            "n_features": int(m.cos.shape[0]),
+            "d_sae": int(m.cos.shape[1]),
+            "true_l0": float(self.fired_true.sum() / n),
+            "noise_std": float(truth.noise_std),
+            "fvu_noise_floor": n * d_in * truth.noise_std**2 / total_var if total_var else None,
+            "recovered_by_frequency_quartile": [
+                float(q.double().mean()) for q in torch.tensor_split(m.recovered, 4)
+            ],
+            "features": {
+                "eval_frequency": (self.fired_true / n).tolist(),
+                "max_cos": m.best_cos.tolist(),
+                "matched_latent": m.match.tolist(),
+                "coef_corr": [float(v) if d else None for v, d in zip(corr, defined, strict=True)],
+            },
+        }
 
 
 @register_task
@@ -124,88 +244,28 @@ class FeatureRecovery(Task):
             raise ValueError("feature_recovery: synthetic stores keep every position")
         opts = env.task_options(self.name)
         thr = float(opts.get("cos_threshold", DEFAULT_COS_THRESHOLD))
-        cos = cosine_matrix(truth.features, sae.W_dec)
-        best_cos, match = cos.max(dim=1)
-        recovered = best_cos >= thr
-        n_feat = cos.shape[0]
-        # Per unit of latent activation, how much of d_i the matched latent writes.
-        w = sae.W_dec.detach().double().cpu()
+        matching = _Matching.of(truth.features, sae.W_dec, thr)
         feats = torch.from_numpy(np.asarray(truth.features, dtype=np.float64))
-        proj = (w[match] * feats).sum(-1)
         abs_cos = synth_metrics.abs_cosines(feats, sae.W_dec)
         detection = synth_metrics.LatentDetection(synth_metrics.best_features(abs_cos))
 
-        # Per-feature float64 running sums over the eval tokens.
-        sa, sc, saa, scc, sac, shrink_num, shrink_den, true_pos, fired_true, fired_latent = (
-            torch.zeros(n_feat, dtype=torch.float64) for _ in range(10)
-        )
-        n = 0
-        x_sum = x_sq = None
+        sums = _RunningSums(matching)
         coefs = truth.coefficients
         for x in env.iter_tokens(opts.get("max_tokens")):
             b = x.shape[0]
-            if n + b > coefs.n_tokens:
+            if sums.n + b > coefs.n_tokens:
                 raise ValueError("feature_recovery: more eval tokens than true coefficients")
-            c = torch.from_numpy(coefs.dense(n, n + b)).double()
+            c = torch.from_numpy(coefs.dense(sums.n, sums.n + b)).double()
             f = sae.encode(x).detach()
             detection.add(f, c)
-            a = f[:, match.to(x.device)].double().cpu()
-            xd = x.double().cpu()
-            n += b
-            sa += a.sum(0)
-            sc += c.sum(0)
-            saa += (a * a).sum(0)
-            scc += (c * c).sum(0)
-            sac += (a * c).sum(0)
-            on_c, on_a = c > 0, a != 0
-            both = on_c & on_a
-            amp = a * proj
-            shrink_num += torch.where(both, amp * c, 0.0).sum(0)
-            shrink_den += torch.where(both, c * c, 0.0).sum(0)
-            true_pos += both.sum(0)
-            fired_true += on_c.sum(0)
-            fired_latent += on_a.sum(0)
-            x_sum = xd.sum(0) if x_sum is None else x_sum + xd.sum(0)
-            x_sq = xd.pow(2).sum(0) if x_sq is None else x_sq + xd.pow(2).sum(0)
-        if n == 0:
+            sums.add(f, c, x)
+        if sums.n == 0:
             raise ValueError("feature_recovery: no evaluation tokens")
 
-        corr, defined = _pearson(float(n), sa, sc, saa, scc, sac)
-        den = shrink_den[recovered].sum()
-        shrinkage = float(shrink_num[recovered].sum() / den) if den > 0 else float("nan")
-        recall = true_pos / fired_true.clamp_min(1)
-        precision = true_pos / fired_latent.clamp_min(1)
         metrics = {
-            "mmcs_true_to_learned": float(best_cos.mean()),
-            "mmcs_learned_to_true": float(cos.max(dim=0).values.mean()),
-            "frac_recovered": float(recovered.double().mean()),
-            "coef_corr": _mean(corr, defined),
-            "coef_corr_recovered": _mean(corr, defined & recovered),
-            "coef_shrinkage": shrinkage,
-            "detection_recall": _mean(recall, recovered & (fired_true > 0)),
-            "detection_precision": _mean(precision, recovered & (fired_latent > 0)),
+            **sums.recovery_metrics(),
             "mcc": synth_metrics.mcc(abs_cos),
             "uniqueness": synth_metrics.uniqueness(abs_cos),
             **{f"latent_{k}": v for k, v in detection.scores().items()},
         }
-        assert x_sum is not None and x_sq is not None
-        total_var = float((x_sq - x_sum.pow(2) / n).clamp_min(0).sum())
-        d_in = feats.shape[1]
-        details: dict[str, Any] = {
-            "cos_threshold": thr,
-            "n_features": n_feat,
-            "d_sae": int(cos.shape[1]),
-            "true_l0": float(fired_true.sum() / n),
-            "noise_std": float(truth.noise_std),
-            "fvu_noise_floor": n * d_in * truth.noise_std**2 / total_var if total_var else None,
-            "recovered_by_frequency_quartile": [
-                float(q.double().mean()) for q in torch.tensor_split(recovered, 4)
-            ],
-            "features": {
-                "eval_frequency": (fired_true / n).tolist(),
-                "max_cos": best_cos.tolist(),
-                "matched_latent": match.tolist(),
-                "coef_corr": [float(v) if d else None for v, d in zip(corr, defined, strict=True)],
-            },
-        }
-        return TaskResult(metrics, details, eval_tokens=n)
+        return TaskResult(metrics, sums.details(truth, thr), eval_tokens=sums.n)

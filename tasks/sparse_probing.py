@@ -13,7 +13,9 @@ Where we differ from SAEBench: the offline default datasets come from the embedd
 corpus's metadata (party, era, century, spoken/written), split by document so windows of
 one address never straddle train and test; features are standardised before the fit (the
 probe is blind to latent scale); the LLM baseline is the same scikit-learn probe, not a
-torch-trained one. SAEBench's datasets are named presets of the ``datasets`` option.
+torch-trained one. SAEBench's datasets are named presets of the ``datasets`` option
+(``dictbench.tasks.probing_presets``; ``saebench`` names its default list), drawn per
+class from the splits SAEBench uses.
 
 Cost: the hook activations of the probing texts do not depend on the SAE, so a run keeps
 them in ``env.shared`` and every SAE after the first only encodes them and fits probes.
@@ -98,8 +100,11 @@ class ProbingTexts:
         for entry in opts["entries"]:
             data = pdata.load_entry(entry, env.seed)
             per_doc = opts["windows_per_doc"] if entry["name"] in pdata.SOTU_TASKS else 1
-            win_idx, labels, docs = [], [], []
-            for text, lab, doc in zip(data.texts, data.labels, data.docs, strict=True):
+            # Per example (its own split stream, not the corpus's), or as the loader drew it.
+            sides = data.split(env.seed + 7919, opts["test_fraction"])
+            win_idx, labels, docs, flags = [], [], [], []
+            rows = zip(data.texts, data.labels, data.docs, strict=True)
+            for i, (text, lab, doc) in enumerate(rows):
                 for w in _windows(tok, text, opts["ctx_len"], per_doc):
                     key = w.tobytes()
                     if key not in index:
@@ -108,11 +113,9 @@ class ProbingTexts:
                     win_idx.append(index[key])
                     labels.append(lab)
                     docs.append(doc)
+                    flags.append(sides[i])
             docs_arr = np.asarray(docs, dtype=np.int64)
-            seed = env.seed + 7919  # its own split stream, not the corpus's
-            is_test = np.asarray(
-                [pdata.in_eval_split(d, seed, opts["test_fraction"]) for d in docs]
-            )
+            is_test = np.asarray(flags, dtype=bool)
             tasks, skipped = pf.binary_tasks(
                 data.name, labels, is_test, docs_arr, env.seed, opts["min_test_per_class"]
             )

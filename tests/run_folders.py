@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dictbench.io import atomic
-from dictbench.score.records import write_record
+from dictbench.score.records import RecordTarget, write_record
 
 CONTEXT: dict[str, Any] = {
     "run": "hand",
@@ -86,20 +86,19 @@ def make_sae(
                 "n_dead": n_dead,
             }
         write_record(
-            run_dir,
-            sae_id,
-            baseline,
+            RecordTarget(run_dir, sae_id, baseline, ctx),
             task,
             {k: (float("nan") if v is None else v) for k, v in ms.items()},
             details,
             tokens.get(task, DEFAULT_EVAL_TOKENS),
-            ctx,
         )
 
 
 def make_failed_sae(run_dir: Path, sae_id: str, baseline: str, error: str) -> None:
     """What the runner writes when training fails: empty metrics, details.error."""
-    write_record(run_dir, sae_id, baseline, "training", {}, {"error": error}, 0, CONTEXT)
+    write_record(
+        RecordTarget(run_dir, sae_id, baseline, CONTEXT), "training", {}, {"error": error}, 0
+    )
 
 
 def write_run_json(run_dir: Path, **budget: Any) -> None:

@@ -68,7 +68,7 @@ def test_silenced_subset_gives_exactly_its_rate():
     truth = core.fit_ground_truth(x, y, is_test, seed=0)
     assert truth.accuracy == 1.0
     per_letter = core.measure(
-        SilencedLetterSAE(), x, y, is_test, truth, core.AbsorptionParams(), seed=0
+        SilencedLetterSAE(), core.WordSet(x, y, is_test), truth, core.AbsorptionParams(), seed=0
     )
     assert len(per_letter) == 26
     for letter, row in per_letter.items():
@@ -86,7 +86,7 @@ def test_nothing_silenced_gives_zero():
     x, y, is_test = _constructed(silenced=0)
     truth = core.fit_ground_truth(x, y, is_test, seed=0)
     per_letter = core.measure(
-        SilencedLetterSAE(), x, y, is_test, truth, core.AbsorptionParams(), seed=0
+        SilencedLetterSAE(), core.WordSet(x, y, is_test), truth, core.AbsorptionParams(), seed=0
     )
     summary = core.summarise(per_letter)
     assert summary["absorption_rate"] == 0.0 and summary["mean_absorption_fraction"] == 0.0
@@ -118,9 +118,7 @@ def test_weak_probe_flags_and_blanks_rates():
 
     res = score(
         SilencedLetterSAE(),
-        x,
-        y,
-        is_test,
+        core.WordSet(x, y, is_test),
         truth,
         options_with_defaults({}),
         _bare_env(),

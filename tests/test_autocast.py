@@ -16,6 +16,7 @@ from dictbench import registry
 from dictbench.baselines import dense_ops, gated, sparse_ops
 from dictbench.errors import SpecError
 from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import autocast, train
 from tests.method_names import local_methods
 from tests.test_trainer import make_store
@@ -98,7 +99,7 @@ def test_training_under_autocast_keeps_float32_weights_and_moves_them(tmp_path):
     sae = cls(cls.config_class(d_in=4, d_sae=8, l1_coefficient=1.0))
     before = sae.W_enc.detach().clone()
     budget = BudgetSpec(train_tokens=40, batch_size=8, d_sae=8, lr=1e-2, autocast="bfloat16")
-    rec = train(sae, "a", store, budget, seed=5, lr=1e-2)
+    rec = train(Member(sae, "a", 1e-2), store, budget, seed=5)
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     assert not torch.equal(sae.W_enc, before)
     assert rec.steps == 5

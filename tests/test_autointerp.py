@@ -24,7 +24,7 @@ from dictbench.errors import SpecError
 from dictbench.registry import get_task
 from dictbench.tasks import autointerp_prompts as prompts
 from dictbench.tasks.autointerp import confusion
-from dictbench.tasks.autointerp_config import parse_options
+from dictbench.tasks.autointerp_config import AutointerpOptions, parse_options
 from dictbench.tasks.autointerp_examples import select_windows, token_strings
 from dictbench.tasks.base import TaskEnv, TaskSkipped
 
@@ -344,7 +344,9 @@ def test_render_marks_and_token_strings():
 def test_select_windows_uses_each_window_once_and_respects_ranks():
     rng = np.random.default_rng(0)
     wmax = np.where(rng.random(300) < 0.3, rng.random(300) + 0.1, 0.0)
-    sel = select_windows(wmax, np.random.default_rng(1), 10, 5, 2, 2, 10, 4)
+    counts = dict(n_explain_top=10, n_explain_quantiles=5, n_detect_top=2, n_detect_quantile=2)
+    opts = AutointerpOptions(**counts, n_detect_random=10, n_fuzz=4, scorers=["fuzzing"])
+    sel = select_windows(wmax, np.random.default_rng(1), opts)
     groups = [sel.explain, sel.detect_pos, sel.detect_neg, sel.fuzz_wrong]
     flat = [w for g in groups for w in g]
     assert len(flat) == len(set(flat)) == 10 + 5 + 2 + 2 + 10 + 4

@@ -35,7 +35,7 @@ from headless_chromium import Browser, find_chromium  # noqa: E402
 from run_folders import CONTEXT, make_sae, write_run_json  # noqa: E402
 
 from dictbench.cli import main  # noqa: E402
-from dictbench.score.records import write_record  # noqa: E402
+from dictbench.score.records import RecordTarget, write_record  # noqa: E402
 
 
 def explain_requests(stub: StubJudge) -> list[list[str]]:
@@ -153,7 +153,9 @@ def autointerp_page(tmp_path_factory):
         res = run_task(env, LetterSAE("abc"))
     run = base / "ai"
     make_sae(run, "x", "l1", {"l0": 10.0, "explained_variance": 0.5})
-    write_record(run, "x", "l1", "autointerp", res.metrics, res.details, 2520, CONTEXT)
+    write_record(
+        RecordTarget(run, "x", "l1", CONTEXT), "autointerp", res.metrics, res.details, 2520
+    )
     write_run_json(run)
     out = base / "page.html"
     assert main(["leaderboard", str(run), "--html", str(out)]) == 0

@@ -13,6 +13,7 @@ from dictbench.baselines.batchtopk import BatchTopKConfig, BatchTopKSAE
 from dictbench.io.sae_io import load_sae, save_sae
 from dictbench.registry import get_baseline
 from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -209,7 +210,7 @@ def test_training_on_sparse_synthetic_data(tmp_path):
     store = sparse_store(tmp_path, budget.train_tokens)
     torch.manual_seed(0)
     sae = BatchTopKSAE(BatchTopKConfig(d_in=D, d_sae=M, k=ACTIVE, dead_tokens_threshold=8192))
-    rec = train(sae, "batchtopk", store, budget, seed=0, lr=budget.lr)
+    rec = train(Member(sae, "batchtopk", budget.lr), store, budget, seed=0)
     assert rec.steps == 400
     x = torch.from_numpy(sparse_data(4096, seed=99))  # held out
     # Training mode, on the same scale as training: exactly k per token on average.

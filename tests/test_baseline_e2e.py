@@ -20,6 +20,7 @@ from dictbench.data.cache import ActivationStore
 from dictbench.data.corpus import keep_positions
 from dictbench.data.subject import ModelSpec, SubjectModel
 from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import (
     DownstreamHandle,
     SequenceBatch,
@@ -297,7 +298,12 @@ def test_train_runs_counts_tokens_and_drops_the_model(tiny_llama, e2e_store):
     for i, sae in enumerate(saes):
         sae.seen_ids, sae.seen_steps = [], []
         rec = train(
-            sae, f"e2e_{i}", e2e_store, budget, seed=seed, lr=1e-3, subject=tiny_llama, hook=HOOK
+            Member(sae, f"e2e_{i}", 1e-3),
+            e2e_store,
+            budget,
+            seed=seed,
+            subject=tiny_llama,
+            hook=HOOK,
         )
         records.append(rec)
         assert sae.downstream is None
@@ -323,7 +329,7 @@ def test_training_lowers_the_kl(tiny_llama, e2e_store):
         sae = E2ESAE(E2EConfig(d_in=32, d_sae=D_SAE, sparsity_coefficient=0.01))
     start = copy.deepcopy(sae)
     budget = BudgetSpec(train_tokens=N_WIN * (CTX - 1), batch_size=CTX - 1, d_sae=D_SAE)
-    rec = train(sae, "e2e", e2e_store, budget, seed=0, lr=1e-2, subject=tiny_llama, hook=HOOK)
+    rec = train(Member(sae, "e2e", 1e-2), e2e_store, budget, seed=0, subject=tiny_llama, hook=HOOK)
     assert rec.steps == N_WIN
     assert sae.downstream is None
 
@@ -346,4 +352,4 @@ def test_needs_downstream_without_subject_fails(e2e_store):
     sae = E2ESAE(E2EConfig(d_in=32, d_sae=D_SAE))
     budget = BudgetSpec(train_tokens=16, batch_size=16, d_sae=D_SAE)
     with pytest.raises(TrainingFailed, match="my_e2e_sae"):
-        train(sae, "my_e2e_sae", e2e_store, budget, seed=0, lr=1e-3)
+        train(Member(sae, "my_e2e_sae", 1e-3), e2e_store, budget, seed=0)

@@ -16,6 +16,7 @@ from dictbench.baselines.l1 import L1SAE, L1Config
 from dictbench.data.cache import ActivationStore
 from dictbench.io.sae_io import load_sae, save_sae
 from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import flops_per_token, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -345,14 +346,16 @@ def fit(sae, steps: int, batch_size: int, lr: float, tmp_path) -> None:
     )
     cfg = sae.cfg
     rec = train(
-        sae,
-        sae.name,
+        Member(
+            sae,
+            sae.name,
+            cfg.lr or budget.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            grad_clip=cfg.grad_clip,
+        ),
         store,
         budget,
         seed=0,
-        lr=cfg.lr or budget.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        grad_clip=cfg.grad_clip,
     )
     assert rec.input_scale != pytest.approx(1.0, abs=0.1)
     sae.fold_input_scale(rec.input_scale)

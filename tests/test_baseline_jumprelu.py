@@ -14,6 +14,7 @@ from dictbench.baselines.jumprelu import JumpReLUConfig, JumpReLUFn, JumpReLUSAE
 from dictbench.io.sae_io import load_sae, save_sae
 from dictbench.registry import get_baseline
 from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -268,7 +269,7 @@ def test_training_on_sparse_synthetic_data(tmp_path):
     torch.manual_seed(0)
     cfg = JumpReLUConfig(d_in=D, d_sae=M, l0_coefficient=0.01)
     sae = JumpReLUSAE(cfg)
-    rec = train(sae, "jumprelu", store, budget, 0, budget.lr, betas=(cfg.adam_beta1, 0.999))
+    rec = train(Member(sae, "jumprelu", budget.lr, betas=(cfg.adam_beta1, 0.999)), store, budget, 0)
     assert set(rec.final_terms) == {"total", "mse", "l0"}
     assert sae.input_rms == pytest.approx(math.sqrt(D), rel=0.05)  # the trainer's scaling
     sae.fold_input_scale(rec.input_scale)

@@ -13,6 +13,7 @@ from dictbench.baselines.l1_april import L1AprilConfig, L1AprilSAE
 from dictbench.data.cache import ActivationStore
 from dictbench.io.sae_io import load_sae, save_sae
 from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -227,14 +228,16 @@ def test_training_reconstructs_sparse_data(tmp_path):
     cfg = L1AprilConfig(d_in=D, d_sae=256, l1_coefficient=0.5)
     sae = L1AprilSAE(cfg)
     rec = train(
-        sae,
-        "l1_april",
+        Member(
+            sae,
+            "l1_april",
+            cfg.lr or budget.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            grad_clip=cfg.grad_clip,
+        ),
         store,
         budget,
         seed=0,
-        lr=cfg.lr or budget.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        grad_clip=cfg.grad_clip,
     )
     sae.fold_input_scale(rec.input_scale)
 

@@ -19,6 +19,7 @@ from dictbench.errors import SpecError, UserError
 from dictbench.io import saelens
 from dictbench.registry import get_baseline
 from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -159,7 +160,7 @@ def test_one_group_equals_batchtopk_after_trainer_steps(tmp_path, groups):
     ):
         torch.manual_seed(0)
         sae = cls(cfg)
-        rec = train(sae, name, store, budget, seed=0, lr=budget.lr)
+        rec = train(Member(sae, name, budget.lr), store, budget, seed=0)
         assert rec.steps == 12
         trained[name] = sae
     a, b = trained["batchtopk"].state_dict(), trained["matryoshka"].state_dict()

@@ -13,6 +13,7 @@ from dictbench.baselines.auxk import auxk_loss
 from dictbench.baselines.topk import TopKConfig, TopKSAE
 from dictbench.registry import get_baseline
 from dictbench.spec import BudgetSpec
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -258,7 +259,7 @@ def test_training_on_sparse_synthetic_data(tmp_path):
     store = sparse_store(tmp_path, budget.train_tokens)
     torch.manual_seed(0)
     sae = TopKSAE(TopKConfig(d_in=D, d_sae=M, k=ACTIVE, dead_tokens_threshold=8192))
-    rec = train(sae, "topk", store, budget, seed=0, lr=budget.lr)
+    rec = train(Member(sae, "topk", budget.lr), store, budget, seed=0)
     assert rec.steps == 400 and rec.input_scale != 1.0
     assert set(rec.final_terms) == {"total", "mse", "auxk"}
     sae.fold_input_scale(rec.input_scale)

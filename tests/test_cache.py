@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dictbench.data.cache import ActivationStore, fingerprint, harvest
+from dictbench.data.cache import ActivationStore, EntryRequest, fingerprint, harvest
 from dictbench.data.corpus import CorpusSpec
 
 HOOK = "resid_post.1"
@@ -30,7 +30,12 @@ def corpus(tiny_corpus_dir) -> CorpusSpec:
 def _harvest(subject, corpus, root, part="train", hook=HOOK, seed=0, n_tokens=N_TOKENS, log=None):
     lines: list[str] = []
     store = harvest(
-        subject, hook, corpus, part, n_tokens, seed, root, batch_windows=8, log=log or lines.append
+        subject,
+        hook,
+        EntryRequest(corpus, part, n_tokens, seed),
+        root,
+        batch_windows=8,
+        log=log or lines.append,
     )
     return store, lines
 

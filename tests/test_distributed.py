@@ -31,6 +31,7 @@ from dictbench.runner import PlannedSAE
 from dictbench.spec import BudgetSpec
 from dictbench.train import distributed
 from dictbench.train.checkpoint import CheckpointPlan
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import train
 
 D_IN, D_SAE, CTX, WINDOWS = 16, 32, 17, 64  # 64 windows x 16 kept positions = 1024 tokens
@@ -59,7 +60,7 @@ def _train_one(method: str, store: ActivationStore, ckpt: CheckpointPlan | None 
     cls = registry.get_baseline(method)
     torch.manual_seed(0)
     sae = cls(cls.config_class(d_in=D_IN, d_sae=D_SAE, **METHODS[method]))
-    rec = train(sae, method, store, BudgetSpec(**BUDGET), 0, BUDGET["lr"], ckpt=ckpt)
+    rec = train(Member(sae, method, BUDGET["lr"], ckpt=ckpt), store, BudgetSpec(**BUDGET), 0)
     return sae, rec
 
 
@@ -330,7 +331,7 @@ def test_two_harvests_of_one_entry_at_once_share_one_harvest(tmp_path, tiny_llam
     import threading
     import time
 
-    from dictbench.data.cache import harvest
+    from dictbench.data.cache import EntryRequest, harvest
 
     root = tmp_path / "shared_cache"
     together = threading.Barrier(2)
@@ -346,7 +347,11 @@ def test_two_harvests_of_one_entry_at_once_share_one_harvest(tmp_path, tiny_llam
         lines: list[str] = []
         together.wait()
         store = harvest(
-            tiny_llama, "resid_post.1", corpus_spec, "train", 600, 0, root, log=lines.append
+            tiny_llama,
+            "resid_post.1",
+            EntryRequest(corpus_spec, "train", 600, 0),
+            root,
+            log=lines.append,
         )
         results.append((lines, float(np.asarray(store.acts, dtype=np.float64).sum())))
 

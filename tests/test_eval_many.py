@@ -74,9 +74,7 @@ def test_many_share_and_match_one_at_a_time(three, tiny_spec_file, counted):
     base = three
     out = evaluate.evaluate_many(
         [str(base / "saes" / "s[01]")],
-        spec_path=str(tiny_spec_file),
-        tasks=TASKS,
-        out=base / "many",
+        evaluate.EvalRequest(spec_path=str(tiny_spec_file), tasks=TASKS, out=base / "many"),
     )
     assert counted == {"loads": 1, "ablations": 1}  # one model, one ablated pass, two SAEs
     many = metrics(out)
@@ -98,9 +96,9 @@ def test_two_hooks_make_two_groups_in_one_folder(three, tiny_spec_file, counted)
     base = three
     out = evaluate.evaluate_many(
         [base / "saes" / "s1", base / "saes" / "s2"],
-        spec_path=str(tiny_spec_file),
-        tasks=["sparsity", "downstream"],
-        out=base / "two",
+        evaluate.EvalRequest(
+            spec_path=str(tiny_spec_file), tasks=["sparsity", "downstream"], out=base / "two"
+        ),
     )
     assert counted == {"loads": 1, "ablations": 2}
     info = json.loads((out / "eval.json").read_text())
@@ -161,7 +159,7 @@ def test_the_clean_pass_is_shared_by_the_group_and_chunks_keep_the_records(
     monkeypatch.setattr(downstream, "clean_pass", counting_clean)
     saes = [three / "saes" / "s0", three / "saes" / "s1"]
     kw = dict(spec_path=str(tiny_spec_file), tasks=["downstream"])
-    together = evaluate.evaluate_many(saes, out=three / "together", **kw)
+    together = evaluate.evaluate_many(saes, evaluate.EvalRequest(out=three / "together", **kw))
     recs = {r["sae_id"]: r for r in read_records(together)}
     n_seq = recs["s0"]["details"]["n_sequences"]
     n_batches = -(-n_seq // 4)  # the task's default of 4 sequences per batch
@@ -170,7 +168,7 @@ def test_the_clean_pass_is_shared_by_the_group_and_chunks_keep_the_records(
     assert recs["s0"]["wall_seconds"] > 0 and recs["s1"]["wall_seconds"] > 0
 
     monkeypatch.setattr(eval_groups, "together_budget", lambda device: 0)
-    apart = evaluate.evaluate_many(saes, out=three / "apart", **kw)
+    apart = evaluate.evaluate_many(saes, evaluate.EvalRequest(out=three / "apart", **kw))
     assert len(calls) == 3 * n_batches  # this call: n_batches for each of the two
     assert metrics(apart) == metrics(together)
     assert metrics(together)[("s0", "downstream")] != metrics(together)[("s1", "downstream")]
@@ -205,5 +203,7 @@ def test_a_class_outside_dictbench_stays_refused_among_many(three, tmp_path, mon
     cfg["baseline"] = "outside_mod22:Outside"
     (folder / CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="--trust-code"):
-        evaluate.evaluate_many([str(three / "saes" / "s*")], out=tmp_path / "ev")
+        evaluate.evaluate_many(
+            [str(three / "saes" / "s*")], evaluate.EvalRequest(out=tmp_path / "ev")
+        )
     assert not marker.exists() and not (tmp_path / "ev").exists()

@@ -27,6 +27,7 @@ from dictbench.tasks.shrinkage import ShrinkageAccumulator
 from dictbench.tasks.sparsity import SparsityAccumulator
 from dictbench.train import trainer
 from dictbench.train.checkpoint import CheckpointPlan
+from dictbench.train.lockstep import Member
 from tests.method_names import downstream_methods, local_methods
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -184,7 +185,7 @@ def test_training_resuming_and_scoring_on_the_device_match_the_cpu(
 ):
     budget = BudgetSpec(train_tokens=320, batch_size=16, d_sae=D_SAE, lr=1e-2)  # 20 steps
     ref = build(method)
-    rec_ref = trainer.train(ref, "s", store, budget, seed=1, lr=1e-2, device="cpu")
+    rec_ref = trainer.train(Member(ref, "s", 1e-2, device="cpu"), store, budget, seed=1)
     want = _score(ref, store, "cpu")
 
     path = tmp_path / "s.safetensors"
@@ -201,10 +202,12 @@ def test_training_resuming_and_scoring_on_the_device_match_the_cpu(
     with fake_accelerator() as dev:
         monkeypatch.setattr(trainer.faults, "point", interrupt)
         with pytest.raises(_Interrupt):
-            trainer.train(build(method), "s", store, budget, 1, 1e-2, dev, ckpt=plan(False))
+            trainer.train(
+                Member(build(method), "s", 1e-2, ckpt=plan(False), device=dev), store, budget, 1
+            )
         monkeypatch.undo()
         sae = build(method)
-        rec = trainer.train(sae, "s", store, budget, 1, 1e-2, dev, ckpt=plan(True))
+        rec = trainer.train(Member(sae, "s", 1e-2, ckpt=plan(True), device=dev), store, budget, 1)
         assert sae.W_dec.device.type == "meta"
         got = _score(sae, store, dev)
     assert log == [f"s: resuming training at step 12 of 20 ({path})"]  # not a restart

@@ -175,7 +175,7 @@ def test_seeded_page_draws_error_bars(tmp_path):
 def test_autointerp_panel_data_from_the_record(tmp_path):
     from run_folders import CONTEXT
 
-    from dictbench.score.records import write_record
+    from dictbench.score.records import RecordTarget, write_record
 
     run = tmp_path / "ai"
     make_sae(run, "x", "l1", {"l0": 10.0, "explained_variance": 0.5})
@@ -184,8 +184,9 @@ def test_autointerp_panel_data_from_the_record(tmp_path):
          "top_windows": [{"tokens": ["in", " 1990"], "acts": [0.0, 2.5]}]},
         {"latent": 9, "error": "explain: empty reply"},
     ]  # fmt: skip
-    write_record(run, "x", "l1", "autointerp", {"detection_balanced_accuracy": 0.8},
-                 {"latents": latents}, 65659, CONTEXT)  # fmt: skip
+    target = RecordTarget(run, "x", "l1", CONTEXT)
+    metrics = {"detection_balanced_accuracy": 0.8}
+    write_record(target, "autointerp", metrics, {"latents": latents}, 65659)
     write_run_json(run)
     panel = html_page.page_data(leaderboard.build(leaderboard.load_runs([run])))["panels"]["ai|x"]
     first, second = panel["autointerp"]

@@ -169,6 +169,30 @@ def test_same_baseline_in_two_runs_is_not_pooled(tmp_path):
     assert board.matched["value"].isna().all()
 
 
+def test_merge_runs_pools_one_sweep_split_over_two_runs(tmp_path):
+    """--merge-runs: the two single SAEs become one l1 sweep, so L0 20 interpolates
+    between them, linearly in log L0 (computed by hand with ``loglin``)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_sae(a, "l1-x", "l1", {"l0": 10.0, "ce_loss_recovered": 0.8})
+    make_sae(b, "l1-y", "l1", {"l0": 40.0, "ce_loss_recovered": 0.9})
+    board = lb.build(lb.load_runs([a, b]), targets=[20.0], pool_runs=True)
+    assert sorted(board.saes["method"]) == ["l1", "l1"]
+    row = board.matched[board.matched["metric"] == "ce_loss_recovered"].iloc[0]
+    assert row["value"] == pytest.approx(loglin(20.0, 10.0, 0.8, 40.0, 0.9))
+    assert row["value"] == pytest.approx(0.85)
+
+
+def test_merge_runs_still_refuses_incompatible_runs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_sae(a, "l1-x", "l1", {"l0": 10.0})
+    make_sae(b, "l1-y", "l1", {"l0": 40.0}, context={"hook": "resid_post.3"})
+    runs = lb.load_runs([a, b])
+    with pytest.raises(UserError, match="hook point"):
+        lb.build(runs, pool_runs=True)
+    with pytest.raises(UserError, match="cannot be combined"):
+        lb.build(runs, allow_mixed=True, pool_runs=True)
+
+
 # --- mixed contexts -----------------------------------------------------------------------
 
 

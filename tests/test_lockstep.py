@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dictbench.data.cache import from_float32, harvest, prepare, to_float32
+from dictbench.data.cache import EntryRequest, from_float32, harvest, prepare, to_float32
 from dictbench.data.corpus import CorpusSpec, keep_positions
 from dictbench.registry import get_baseline
 from dictbench.spec import BudgetSpec
@@ -42,7 +42,9 @@ def corpus(tiny_corpus_dir) -> CorpusSpec:
 
 @pytest.fixture
 def store(tiny_llama, corpus, tmp_path):
-    return harvest(tiny_llama, HOOK, corpus, "train", 1200, 0, tmp_path / "c", log=lambda m: None)
+    return harvest(
+        tiny_llama, HOOK, EntryRequest(corpus, "train", 1200, 0), tmp_path / "c", log=lambda m: None
+    )
 
 
 def _build(method: str, d_in: int, seed: int = 0, **params):
@@ -69,7 +71,7 @@ def test_lockstep_gives_every_sae_the_weights_it_gets_alone(store):
     alone = {}
     for method, params in METHODS:
         sae = _build(method, d, **params)
-        trainer.train(sae, method, store, BUDGET, seed=0, lr=3e-3)
+        trainer.train(Member(sae, method, 3e-3), store, BUDGET, seed=0)
         alone[method] = _weights(sae)
     members = [Member(_build(m, d, **p), m, 3e-3) for m, p in METHODS]
     out = train_group(members, _buffer(store), BUDGET, sequence_mode=False)
@@ -166,7 +168,7 @@ def test_a_backwards_read_rebuilds_the_same_block(store):
 def test_the_stream_equals_the_cache_when_the_buffer_covers_the_split(
     tiny_llama, corpus, store, tmp_path
 ):
-    pending = prepare(tiny_llama, HOOK, corpus, "train", 1200, 0, tmp_path / "other")
+    pending = prepare(tiny_llama, HOOK, EntryRequest(corpus, "train", 1200, 0), tmp_path / "other")
     keep = keep_positions(16)
     source = ModelWindows(tiny_llama, HOOK, pending.tokens, keep)
     block = block_windows_for(BUDGET.buffer_tokens, int(keep.sum()), source.n_windows)
@@ -187,7 +189,7 @@ def test_e2e_methods_in_lockstep_share_one_clean_pass(tiny_llama, store):
     alone = []
     for coef in (0.5, 2.0):
         sae = _build("e2e", d, sparsity_coefficient=coef)
-        trainer.train(sae, "e", store, budget, 0, 1e-3, subject=tiny_llama, hook=HOOK)
+        trainer.train(Member(sae, "e", 1e-3), store, budget, 0, subject=tiny_llama, hook=HOOK)
         alone.append(_weights(sae))
     calls = []
     original = trainer.DownstreamHandle.logits
@@ -222,8 +224,8 @@ def test_cache_dtype_is_part_of_the_fingerprint_and_float32_keeps_the_old_one(
     tiny_llama, corpus, tmp_path
 ):
     root = tmp_path / "c"
-    a = prepare(tiny_llama, HOOK, corpus, "train", 200, 0, root)
-    b = prepare(tiny_llama, HOOK, corpus, "train", 200, 0, root, dtype="bfloat16")
+    a = prepare(tiny_llama, HOOK, EntryRequest(corpus, "train", 200, 0), root)
+    b = prepare(tiny_llama, HOOK, EntryRequest(corpus, "train", 200, 0, "bfloat16"), root)
     assert a.fingerprint != b.fingerprint
     assert "dtype" not in a.ident and b.ident["dtype"] == "bfloat16"
     from dictbench.data.cache import run_harvest

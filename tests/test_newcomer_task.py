@@ -17,7 +17,7 @@ from dictbench.report import check
 from dictbench.report import leaderboard as lb
 from dictbench.score import metric_facts
 from dictbench.score.metric_meta import Metric
-from dictbench.score.records import write_record
+from dictbench.score.records import RecordTarget, write_record
 from dictbench.tasks.base import Task, TaskEnv, TaskResult
 
 NAME = "newcomer_burstiness"
@@ -46,9 +46,9 @@ def registered_task():
 
 
 def _sae(run: Path, sae: str, method: str, l0: float, score: float, ratio: float) -> None:
-    write_record(run, sae, method, "sparsity", {"l0": l0}, {}, 100, CONTEXT)
+    write_record(RecordTarget(run, sae, method, CONTEXT), "sparsity", {"l0": l0}, {}, 100)
     metrics = {"burst_score": score, "burst_ratio": ratio}
-    write_record(run, sae, method, NAME, metrics, {}, 100, CONTEXT)
+    write_record(RecordTarget(run, sae, method, CONTEXT), NAME, metrics, {}, 100)
 
 
 def _two_methods(run: Path, shift: float = 0.0, ratio: float = 0.9) -> None:
@@ -117,7 +117,11 @@ def test_a_record_without_metadata_falls_back_to_the_registry(tmp_path):
     for run, celr in (("ref", 0.9), ("run", 0.8)):
         write_run_json(tmp_path / run)
         path = write_record(
-            tmp_path / run, "s", "l1", "downstream", {"ce_loss_recovered": celr}, {}, 10, CONTEXT
+            RecordTarget(tmp_path / run, "s", "l1", CONTEXT),
+            "downstream",
+            {"ce_loss_recovered": celr},
+            {},
+            10,
         )
         rec = json.loads(path.read_text())
         del rec["metric_meta"]
@@ -131,7 +135,9 @@ def test_a_record_declaration_beats_the_registry(tmp_path):
     """Records are read as written: a declaration in the record wins over the registry."""
     for run, l0 in (("ref", 10.0), ("run", 30.0)):
         write_run_json(tmp_path / run)
-        path = write_record(tmp_path / run, "s", "l1", "sparsity", {"l0": l0}, {}, 10, CONTEXT)
+        path = write_record(
+            RecordTarget(tmp_path / run, "s", "l1", CONTEXT), "sparsity", {"l0": l0}, {}, 10
+        )
         rec = json.loads(path.read_text())
         rec["metric_meta"]["l0"]["direction"] = "higher"
         path.write_text(json.dumps(rec))

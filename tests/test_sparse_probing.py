@@ -194,7 +194,8 @@ def test_one_class_and_too_few(tmp_path):
 def test_presets_are_valid_entries():
     for name in pdata.PRESETS:
         entry = pdata.resolve_entry(name)
-        assert entry["label"] == name and entry["text_column"] and entry["label_column"]
+        assert entry["label"] == name and entry["train_per_class"] and entry["test_per_class"]
+        assert entry.get("class_sources") or (entry["text_column"] and entry["label_column"])
     assert [e["name"] for e in pdata.expand_entries(["sotu"])] == list(pdata.SOTU_TASKS)
 
 

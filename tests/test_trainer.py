@@ -18,6 +18,7 @@ from dictbench.baselines.l1 import L1SAE, L1Config
 from dictbench.data.cache import ActivationStore
 from dictbench.spec import BudgetSpec
 from dictbench.train import trainer
+from dictbench.train.lockstep import Member
 from dictbench.train.trainer import TrainingFailed, activation_scale, lr_factor, token_order, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -143,8 +144,8 @@ def test_two_saes_see_the_same_batches(tmp_path, normalize):
     budget = BudgetSpec(train_tokens=43, batch_size=8, d_sae=8, normalize_activations=normalize)
     log_a: list[torch.Tensor] = []
     log_b: list[torch.Tensor] = []
-    rec_a = train(recording(l1_sae(1.0, 0), log_a), "a", store, budget, seed=5, lr=1e-3)
-    rec_b = train(recording(l1_sae(30.0, 1), log_b), "b", store, budget, seed=5, lr=1e-2)
+    rec_a = train(Member(recording(l1_sae(1.0, 0), log_a), "a", 1e-3), store, budget, seed=5)
+    rec_b = train(Member(recording(l1_sae(30.0, 1), log_b), "b", 1e-2), store, budget, seed=5)
 
     steps = 43 // 8
     assert rec_a.steps == rec_b.steps == steps
@@ -172,8 +173,8 @@ def test_another_seed_gives_other_batches(tmp_path):
     store = make_store(tmp_path)
     log_a: list[torch.Tensor] = []
     log_b: list[torch.Tensor] = []
-    train(recording(l1_sae(1.0, 0), log_a), "a", store, BUDGET, seed=5, lr=1e-3)
-    train(recording(l1_sae(1.0, 0), log_b), "b", store, BUDGET, seed=6, lr=1e-3)
+    train(Member(recording(l1_sae(1.0, 0), log_a), "a", 1e-3), store, BUDGET, seed=5)
+    train(Member(recording(l1_sae(1.0, 0), log_b), "b", 1e-3), store, BUDGET, seed=6)
     assert not torch.equal(torch.cat(log_a), torch.cat(log_b))
     assert torch.cat(log_b).shape == (40, D)
 
@@ -183,7 +184,7 @@ def test_nan_loss_raises_training_failed_naming_sae_and_step(tmp_path):
     log: list[torch.Tensor] = []
     sae = recording(l1_sae(1.0, 0), log, nan_at=2)
     with pytest.raises(TrainingFailed) as e:
-        train(sae, "l1-lambda7", store, BUDGET, seed=5, lr=1e-3)
+        train(Member(sae, "l1-lambda7", 1e-3), store, BUDGET, seed=5)
     msg = str(e.value)
     assert "l1-lambda7" in msg
     assert "step 2" in msg
@@ -194,7 +195,7 @@ def test_budget_larger_than_cache_raises(tmp_path):
     store = make_store(tmp_path)
     budget = BudgetSpec(train_tokens=N_KEPT + 8, batch_size=8, d_sae=8)
     with pytest.raises(TrainingFailed) as e:
-        train(l1_sae(1.0, 0), "big", store, budget, seed=5, lr=1e-3)
+        train(Member(l1_sae(1.0, 0), "big", 1e-3), store, budget, seed=5)
     assert "big" in str(e.value) and str(N_KEPT) in str(e.value)
 
 
@@ -211,7 +212,7 @@ def test_dead_latents_counted_over_the_last_quarter(tmp_path):
     log: list[torch.Tensor] = []
     sae = recording(l1_sae(1.0, 0, d_sae=d_sae), log, latents_fn=one_hot)
     budget = BudgetSpec(train_tokens=40, batch_size=5, d_sae=d_sae)
-    rec = train(sae, "dead", store, budget, seed=5, lr=1e-3)
+    rec = train(Member(sae, "dead", 1e-3), store, budget, seed=5)
     assert rec.steps == 8
     assert rec.train_dead_window_tokens == (8 - 6) * 5
     assert rec.train_frac_dead == pytest.approx((d_sae - 2) / d_sae)
@@ -233,14 +234,14 @@ def test_dead_latents_from_a_fired_mask_alone(tmp_path):
 
     sae.loss = loss
     budget = BudgetSpec(train_tokens=40, batch_size=5, d_sae=d_sae)
-    rec = train(sae, "dead", store, budget, seed=5, lr=1e-3)
+    rec = train(Member(sae, "dead", 1e-3), store, budget, seed=5)
     assert rec.train_frac_dead == pytest.approx((d_sae - 2) / d_sae)
 
 
 def test_sae_decoder_constraint_holds_after_training(tmp_path):
     store = make_store(tmp_path)
     sae = l1_sae(1.0, 0)
-    train(sae, "l1", store, BUDGET, seed=5, lr=1e-2)
+    train(Member(sae, "l1", 1e-2), store, BUDGET, seed=5)
     assert torch.allclose(sae.W_dec.detach().norm(dim=-1), torch.ones(8), atol=1e-6)
 
 

@@ -17,8 +17,7 @@ def _tasks(value: str) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     from dictbench import evaluate
 
-    evaluate.evaluate_many(
-        args.paths,
+    request = evaluate.EvalRequest(
         spec_path=args.spec,
         preset=args.preset,
         overrides=list(args.set or []),
@@ -29,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
         trust_code=args.trust_code,
         match=args.match,
     )
+    evaluate.evaluate_many(args.paths, request)
     return 0
 
 

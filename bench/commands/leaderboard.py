@@ -30,48 +30,59 @@ def _image_links(paths: list[Path], base: Path) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from dictbench.errors import UserError
-    from dictbench.io import atomic
     from dictbench.report import leaderboard
 
     runs = leaderboard.load_runs(args.runs)
     if args.html:
         from dictbench.report import html_page
 
-        written = html_page.write_page(runs, args.html, args.metric, args.l0, args.allow_mixed)
+        written = html_page.write_page(
+            runs, args.html, args.metric, args.l0, args.allow_mixed, args.merge_runs
+        )
         print(f"wrote {written}", file=sys.stderr)
     groups = [[r] for r in runs] if args.per_run else [runs]
+    parts = [_group_part(group, args) for group in groups]
+    _emit(_join_parts(parts, runs, args), args.output)
+    return 0
+
+
+def _group_part(group: list, args: argparse.Namespace):
+    """One group's leaderboard (all runs, or one under --per-run) with its plots, in the
+    shape its format joins: a text, a CSV frame or a JSON document. Split from ``_run``
+    so one group's rendering reads apart from the joining and writing."""
+    from dictbench.report import leaderboard
+
+    board = leaderboard.build(group, args.metric, args.l0, args.allow_mixed, args.merge_runs)
+    written: list[Path] = []
     if args.plots:
         from dictbench.report import plots  # matplotlib is slow to import; only when asked
-    base = Path(args.output).parent if args.output else Path.cwd()
-    texts, frames, docs = [], [], []
-    for group in groups:
-        board = leaderboard.build(group, args.metric, args.l0, allow_mixed=args.allow_mixed)
-        written: list[Path] = []
-        if args.plots:
-            out_dir = Path(args.plots) / group[0].label if args.per_run else Path(args.plots)
-            written = plots.write_plots(board, out_dir)
-        if args.format in ("terminal", "markdown"):
-            level = 3 if args.per_run else 2
-            text = leaderboard.render_text(board, args.format, heading_level=level)
-            if args.per_run:
-                head = f"## {group[0].label}" if args.format == "markdown" else group[0].label
-                text = f"{head}\n\n{text}"
-            if written and args.format == "markdown":
-                title = "#" * level + " Plots"
-                text += f"\n{title}\n\n" + "\n\n".join(_image_links(written, base)) + "\n"
-            texts.append(text)
-        elif args.format == "csv":
-            frame = leaderboard.long_frame(board)
-            if args.per_run:
-                frame["run"] = group[0].label
-            frames.append(frame)
-        else:
-            docs.append(json.loads(leaderboard.render(board, "json")))
+
+        out_dir = Path(args.plots) / group[0].label if args.per_run else Path(args.plots)
+        written = plots.write_plots(board, out_dir)
     if args.format in ("terminal", "markdown"):
-        out = "\n".join(texts)
+        level = 3 if args.per_run else 2
+        text = leaderboard.render_text(board, args.format, heading_level=level)
+        if args.per_run:
+            head = f"## {group[0].label}" if args.format == "markdown" else group[0].label
+            text = f"{head}\n\n{text}"
+        if written and args.format == "markdown":
+            base = Path(args.output).parent if args.output else Path.cwd()
+            title = "#" * level + " Plots"
+            text += f"\n{title}\n\n" + "\n\n".join(_image_links(written, base)) + "\n"
+        return text
+    if args.format == "csv":
+        frame = leaderboard.long_frame(board)
+        if args.per_run:
+            frame["run"] = group[0].label
+        return frame
+    return json.loads(leaderboard.render(board, "json"))
+
+
+def _join_parts(parts: list, runs: list, args: argparse.Namespace) -> str:
+    """The whole output from the groups' parts: texts joined (under a page heading for a
+    per-run markdown document), frames concatenated, or documents dumped."""
+    if args.format in ("terminal", "markdown"):
+        out = "\n".join(parts)
         if args.per_run and args.format == "markdown":
             names = ", ".join(f"`{r.label}`" for r in runs)
             out = (
@@ -79,19 +90,28 @@ def _run(args: argparse.Namespace) -> int:
                 f"folders {names}: one section per run, since runs with different budgets or "
                 "evaluation sizes are not comparable.\n\n" + out
             )
-    elif args.format == "csv":
-        out = pd.concat(frames, ignore_index=True).to_csv(index=False)
-    else:
-        out = json.dumps(docs if args.per_run else docs[0], indent=2) + "\n"
-    if args.output:
+        return out
+    if args.format == "csv":
+        import pandas as pd
+
+        return pd.concat(parts, ignore_index=True).to_csv(index=False)
+    return json.dumps(parts if args.per_run else parts[0], indent=2) + "\n"
+
+
+def _emit(out: str, output: str | None) -> None:
+    """Write the output to ``--output`` atomically (an unwritable path is the user's
+    error, said in one line) or to stdout."""
+    from dictbench.errors import UserError
+    from dictbench.io import atomic
+
+    if output:
         try:
-            atomic.write_bytes(args.output, out.encode())
+            atomic.write_bytes(output, out.encode())
         except OSError as e:
-            raise UserError(f"--output: cannot write '{args.output}' ({e.strerror})") from e
-        print(f"wrote {args.output}", file=sys.stderr)
+            raise UserError(f"--output: cannot write '{output}' ({e.strerror})") from e
+        print(f"wrote {output}", file=sys.stderr)
     else:
         sys.stdout.write(out)
-    return 0
 
 
 DESCRIPTION = (
@@ -153,10 +173,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also write one self-contained static page (no network): sortable table, "
         "matched-L0 tables, interactive Pareto plot, per-SAE panels",
     )
+    _add_run_combining(p)
+    p.set_defaults(func=_run)
+
+
+def _add_run_combining(p: argparse.ArgumentParser) -> None:
+    """The options that say how several run folders combine: pooled into one sweep per
+    baseline, or compared despite differing contexts (never both)."""
+    p.add_argument(
+        "--merge-runs",
+        action="store_true",
+        help="pool each baseline's SAEs from all the runs into one sweep (runs that split "
+        "one sweep: same spec, budget and seed); by default a baseline in several runs gets "
+        "one curve per run",
+    )
     p.add_argument(
         "--allow-mixed",
         action="store_true",
         help="compare records even when model, hook, corpus split, evaluation tokens or "
         "budget differ",
     )
-    p.set_defaults(func=_run)

@@ -102,24 +102,19 @@ class PendingHarvest:
 
 
 def prepare(
-    subject: Any,
-    hook: str,
-    corpus: CorpusSpec,
-    part: str,
-    n_tokens: int,
-    seed: int,
-    root: Path,
-    log: Any = print,
-    dtype: str = "float32",
+    subject: Any, hook: str, request: EntryRequest, root: Path, log: Any = print
 ) -> ActivationStore | PendingHarvest:
     """The cached store if one exists, else the windows to harvest.
 
     Split out from :func:`harvest` so a run can fail on a too-short corpus before it
     writes anything.
     """
+    corpus, part, seed = request.corpus, request.part, request.seed
     keep = keep_positions(corpus.ctx_len)
-    n_windows = -(-n_tokens // int(keep.sum()))
-    fp, ident = fingerprint(subject.fingerprint(), hook, corpus, part, n_windows, seed, dtype)
+    n_windows = -(-request.n_tokens // int(keep.sum()))
+    fp, ident = fingerprint(
+        subject.fingerprint(), hook, corpus, part, n_windows, seed, request.dtype
+    )
     final = root / f"{part}-{fp}"
     store = _reuse(final, part, fp, ident, log)
     if store is not None:
@@ -283,16 +278,27 @@ def _harvest_entry(
     return ActivationStore.open(final, expect=(fp, pending.ident), checksums=not wrote)
 
 
+@dataclass(frozen=True)
+class EntryRequest:
+    """Which activations an entry holds besides the model and hook point: a corpus split
+    (``part``), how many tokens of it, the seed that picks its windows, the stored dtype.
+    One object because every caller names the five together."""
+
+    corpus: CorpusSpec
+    part: str
+    n_tokens: int
+    seed: int
+    dtype: str = "float32"
+
+
 def harvest(
     subject: Any,
     hook: str,
-    corpus: CorpusSpec,
-    part: str,
-    n_tokens: int,
-    seed: int,
+    request: EntryRequest,
     root: Path,
     batch_windows: int = 16,
     log: Any = print,
 ) -> ActivationStore:
-    pending = prepare(subject, hook, corpus, part, n_tokens, seed, root, log)
+    """The entry ``request`` names at ``hook``: reused when cached and intact, else harvested."""
+    pending = prepare(subject, hook, request, root, log)
     return run_harvest(subject, hook, pending, batch_windows, log)

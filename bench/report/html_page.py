@@ -13,16 +13,15 @@ SAE (latent-density histogram, training cost, autointerp explanations and window
 from __future__ import annotations
 
 import json
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from dictbench.report import seed_stats
 from dictbench.report.leaderboard import Leaderboard
+from dictbench.report.leaderboard_render import json_value
 
 TEMPLATE = "leaderboard_page.html"
 DATA_MARK = "/*__DICTBENCH_DATA__*/null"
@@ -35,19 +34,13 @@ _COST = ("wall_seconds", "tokens", "flops_estimate", "steps")
 
 
 def _clean(v: Any) -> Any:
-    """A JSON-safe value: NaN/inf and pandas NA become null, numpy scalars plain."""
-    if v is None or v is pd.NA:
-        return None
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
+    """A JSON-safe value: containers cleaned item by item, scalars as ``json_value``
+    makes them (NaN/inf and pandas NA become null, numpy scalars plain)."""
     if isinstance(v, dict):
         return {str(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
-    return v
+    return json_value(v)
 
 
 def _key(run: str, sae_id: str) -> str:
@@ -226,13 +219,14 @@ def write_page(
     metrics: list[str] | None = None,
     targets: list[float] | None = None,
     allow_mixed: bool = False,
+    pool_runs: bool = False,
 ) -> Path:
     """Build the leaderboard over ``runs`` and write its page to ``out`` atomically."""
     from dictbench.errors import UserError
     from dictbench.io import atomic
     from dictbench.report import leaderboard
 
-    board = leaderboard.build(runs, metrics, targets, allow_mixed=allow_mixed)
+    board = leaderboard.build(runs, metrics, targets, allow_mixed, pool_runs)
     title = "dictbench leaderboard: " + ", ".join(r.label for r in runs)
     out = Path(out)
     try:

@@ -120,7 +120,15 @@ def build(
     metrics: list[str] | None = None,
     targets: list[float] | None = None,
     allow_mixed: bool = False,
+    pool_runs: bool = False,
 ) -> Leaderboard:
+    """The leaderboard over ``runs``; ``pool_runs`` makes each baseline's SAEs from all
+    runs one sweep (`--merge-runs`), which only compatible runs may do."""
+    if pool_runs and allow_mixed:
+        raise UserError(
+            "--merge-runs and --allow-mixed cannot be combined: a pooled sweep must come "
+            "from runs with the same model, hook, corpus, evaluation and budget"
+        )
     if not allow_mixed:
         check_compatible(runs)
     explicit = bool(metrics)
@@ -129,7 +137,7 @@ def build(
     bad = [t for t in targets if not (math.isfinite(t) and t > 0)]
     if bad:
         raise UserError(f"--l0: target L0 values must be positive numbers, got {bad[0]:g}")
-    saes = sae_frame(runs)
+    saes = sae_frame(runs, pool_runs)
     unknown = [m for m in metrics if m not in saes.columns]
     if unknown and explicit:
         raise UserError(f"--metric: no record has a metric named '{unknown[0]}'")

@@ -247,11 +247,12 @@ def long_frame(board: Leaderboard) -> pd.DataFrame:
 def _json_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for rec in df.to_dict(orient="records"):
-        out.append({k: _json_value(v) for k, v in rec.items()})
+        out.append({k: json_value(v) for k, v in rec.items()})
     return out
 
 
-def _json_value(v: Any) -> Any:
+def json_value(v: Any) -> Any:
+    """A JSON-safe scalar: NaN/inf and pandas NA become null, numpy scalars plain."""
     if v is None or v is pd.NA:
         return None
     if isinstance(v, (np.integer,)):
@@ -279,5 +280,5 @@ def render(board: Leaderboard, fmt: str) -> str:
     from dictbench.report.seed_tables import seed_json  # empty lists unless a run used seeds
 
     for key, rows in seed_json(board).items():
-        doc[key] = [{k: _json_value(v) for k, v in row.items()} for row in rows]
+        doc[key] = [{k: json_value(v) for k, v in row.items()} for row in rows]
     return json.dumps(doc, indent=2) + "\n"

@@ -15,12 +15,14 @@ from dictbench.report.leaderboard_load import Run, training_error
 _ID_COLS = ("run", "sae_id", "baseline", "method", "status", "error")
 
 
-def sae_frame(runs: list[Run]) -> pd.DataFrame:
+def sae_frame(runs: list[Run], pool_runs: bool = False) -> pd.DataFrame:
     """One row per (run, SAE): run, sae_id, baseline, method, status, error, metrics.
 
     ``method`` is the baseline name, or run/baseline where a baseline occurs in more than
-    one run: sweeps from different runs are never pooled into one curve, because their
-    budgets may differ.
+    one run: sweeps from different runs are not pooled into one curve unless asked
+    (``pool_runs``, `--merge-runs`), because their budgets may differ. Pooling is for runs
+    that split one sweep (the same spec, budget and seed, other settings), which the
+    caller has checked are compatible.
     """
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
@@ -45,7 +47,7 @@ def sae_frame(runs: list[Run]) -> pd.DataFrame:
         return df
     runs_of = df.groupby("baseline")["run"].nunique()
     pairs = zip(df["run"], df["baseline"], strict=True)
-    df.insert(3, "method", [b if runs_of[b] == 1 else f"{r}/{b}" for r, b in pairs])
+    df.insert(3, "method", [b if pool_runs or runs_of[b] == 1 else f"{r}/{b}" for r, b in pairs])
     # A failed SAE has no number, whatever a stray record might say.
     metric_cols = [c for c in df.columns if c not in _ID_COLS]
     df.loc[df["status"] == "failed", metric_cols] = np.nan

@@ -17,7 +17,7 @@ import torch
 from dictbench import faults
 from dictbench.console import log
 from dictbench.data.subject import SubjectModel
-from dictbench.score.records import write_record
+from dictbench.score.records import RecordTarget, write_record
 from dictbench.spec import RunSpec
 from dictbench.tasks.base import TaskEnv, TaskSkipped, TokenTask
 
@@ -74,19 +74,13 @@ def record_context(spec: RunSpec, subject: SubjectModel | None, eval_store: Any)
 
 
 def score_sae(
-    sae: torch.nn.Module,
-    sae_id: str,
-    method: str,
-    tasks: list[Any],
-    env: TaskEnv,
-    out: Path,
-    context: dict[str, Any],
-    task_context: dict[str, dict[str, Any]] | None = None,
+    sae: torch.nn.Module, target: RecordTarget, tasks: list[Any], env: TaskEnv
 ) -> dict[str, Any]:
-    """Run every task on one SAE and write one record per task. Token tasks that agree
-    on their evaluation window share one encode/decode pass. A task that raises
-    ``TaskSkipped`` is reported in one line and leaves no record. ``task_context`` adds
-    fields to one task's records only (``dictbench eval``'s mean-ablation source)."""
+    """Run every task on one SAE and write one record per task (``target`` says where and
+    what each carries). Token tasks that agree on their evaluation window share one
+    encode/decode pass. A task that raises ``TaskSkipped`` is reported in one line and
+    leaves no record."""
+    sae_id = target.sae_id
     token_tasks = [task for task in tasks if isinstance(task, TokenTask)]
     other = [task for task in tasks if not isinstance(task, TokenTask)]
     by_window: dict[Any, list[Any]] = {}
@@ -97,10 +91,7 @@ def score_sae(
     def record(name: str, res: Any, seconds: float) -> None:
         # Written as soon as the task is done, so an interrupted run keeps it (--resume).
         results[name] = res
-        ctx = {**context, **(task_context or {}).get(name, {})}
-        write_record(
-            out, sae_id, method, name, res.metrics, res.details, res.eval_tokens, ctx, seconds
-        )
+        write_record(target, name, res.metrics, res.details, res.eval_tokens, seconds)
         faults.point(f"record:{sae_id}/{name}")
 
     for window, group in by_window.items():

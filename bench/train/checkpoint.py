@@ -59,13 +59,15 @@ class CheckpointPlan:
 
 @dataclass
 class TrainState:
-    """Where the loop stands: ``step`` is the next step to run (``total_steps`` when done)."""
+    """Where the loop stands: ``step`` is the next step to run (``total_steps`` when done;
+    a checkpoint whose step lies outside ``[0, total_steps]`` is refused)."""
 
     step: int
     fired: torch.Tensor
     terms: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     has_latents: bool = False
+    total_steps: int = 0
 
 
 def canonical(obj: Any) -> Any:
@@ -199,7 +201,6 @@ def save(
     sae: torch.nn.Module,
     opt: torch.optim.Optimizer,
     state: TrainState,
-    total_steps: int,
     device: str = "cpu",
 ) -> None:
     """Write the checkpoint atomically (the previous one stays valid until the rename)."""
@@ -215,7 +216,7 @@ def save(
         "format": FORMAT,
         "identity": canonical(identity),
         "step": int(state.step),
-        "total_steps": int(total_steps),
+        "total_steps": int(state.total_steps),
         "terms": {k: float(v) for k, v in state.terms.items()},
         "wall_seconds": float(state.wall_seconds),
         "has_latents": bool(state.has_latents),
@@ -300,8 +301,10 @@ def load(
             raise CheckpointError("RNG state missing")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"incomplete checkpoint ({type(e).__name__}: {e})") from e
-    if not 0 <= state.step <= int(meta.get("total_steps", -1)):
+    total_steps = int(meta.get("total_steps", -1))
+    if not 0 <= state.step <= total_steps:
         raise CheckpointError(f"step {state.step} is outside the run")
+    state.total_steps = total_steps
     sae.load_state_dict(model_sd, strict=True)
     opt.load_state_dict(opt_sd)
     _restore_rng(tensors, rng_meta)

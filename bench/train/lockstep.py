@@ -15,6 +15,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from dictbench.train.trainer import (
     lr_factor,
     make_optimizer,
 )
-from dictbench.train.trainer_dp import average_and_check, mean_terms, resume_sharded
+from dictbench.train.trainer_dp import average_and_check, mean_terms, rank0_copy
 
 SCALE_SAMPLE_TOKENS = 32768  # tokens the normalisation scale is estimated from
 INIT_SAMPLE_TOKENS = 8192  # tokens a method's data-dependent initialisation sees
@@ -218,20 +219,29 @@ def _restore(m: Member, steps: int) -> None:
     assert ckpt is not None
     if distributed.group() is not None and ckpt.resume:
         # Every rank loads the bytes rank 0 reads: the same state on every node.
-        got = resume_sharded(ckpt, m.identity, m.sae, m.opt, m.device, m.sae_id, steps)
-        if got is not None:
-            m.start, m.fired, m.terms, m.wall_before, m.has_latents = got
+        with rank0_copy(ckpt.path) as copy:
+            st = _load(m, copy, steps) if copy is not None else None
+    elif ckpt.resume and ckpt.path.exists():
+        st = _load(m, ckpt.path, steps)
+    else:
         return
-    if not (ckpt.resume and ckpt.path.exists()):
-        return
+    if st is not None:
+        m.start, m.fired, m.terms = st.step, st.fired, st.terms
+        m.wall_before, m.has_latents = st.wall_seconds, st.has_latents
+
+
+def _load(m: Member, path: Path, steps: int) -> TrainState | None:
+    """The state saved at ``path`` (``m.ckpt.path`` or a rank's copy of it), restored into
+    ``m``'s SAE and optimiser, or None (said in one line) if it cannot be used."""
+    ckpt = m.ckpt
+    assert ckpt is not None
     try:
-        st = checkpoint.load(ckpt.path, m.identity, m.sae, m.opt, m.device)
+        st = checkpoint.load(path, m.identity, m.sae, m.opt, m.device)
     except CheckpointError as e:
         ckpt.log(f"{m.sae_id}: checkpoint {ckpt.path} not used: {e}; training from step 0")
-        return
-    m.start, m.fired, m.terms = st.step, st.fired, st.terms
-    m.wall_before, m.has_latents = st.wall_seconds, st.has_latents
-    ckpt.log(f"{m.sae_id}: resuming training at step {m.start} of {steps} ({ckpt.path})")
+        return None
+    ckpt.log(f"{m.sae_id}: resuming training at step {st.step} of {steps} ({ckpt.path})")
+    return st
 
 
 def _loop(members: list[Member], lay: Layout, maker: BatchMaker, budget: BudgetSpec) -> None:
@@ -313,10 +323,10 @@ def _save(m: Member, next_step: int, steps: int) -> None:
         raise TrainingFailed(f"{m.sae_id}: non-finite weights after step {last}", last)
     fired_all = distributed.any_across(m.fired)  # the latents any rank saw fire
     wall = m.wall_before + m.seconds
-    state = TrainState(next_step, fired_all, m.terms, wall, m.has_latents)
+    state = TrainState(next_step, fired_all, m.terms, wall, m.has_latents, steps)
     if distributed.is_main() and m.ckpt is not None:  # the only writer
         with resources.disk_full_is_user_error(m.ckpt.path):  # one line, not a traceback
-            checkpoint.save(m.ckpt.path, m.identity, m.sae, m.opt, state, steps, m.device)
+            checkpoint.save(m.ckpt.path, m.identity, m.sae, m.opt, state, m.device)
 
 
 def _finish(m: Member, lay: Layout) -> None:

@@ -21,7 +21,7 @@ from dictbench.data.cache import ActivationStore
 from dictbench.data.corpus import keep_positions
 from dictbench.io import atomic
 from dictbench.io.sae_io import WEIGHTS, class_ref, save_sae
-from dictbench.score.records import write_record
+from dictbench.score.records import RecordTarget, write_record
 from dictbench.spec import STREAM_ABOVE_BYTES, RunSpec
 from dictbench.train import checkpoint, distributed
 from dictbench.train.batch_stream import (
@@ -178,7 +178,7 @@ def record_failure(
     log(f"training failed: {err}" + (f" (last good checkpoint: {kept})" if kept else ""))
     details = {"error": str(err), "status": "failed", "failed_at_step": err.step}
     details["last_checkpoint"] = str(kept) if kept else None
-    write_record(out, p.sae_id, p.method, "training", {}, details, 0, context)
+    write_record(RecordTarget(out, p.sae_id, p.method, context), "training", {}, details, 0)
 
 
 def save_trained(
@@ -203,7 +203,8 @@ def save_trained(
     # The weights' hash lets --resume trust the saved SAE instead of retraining it.
     weights_sha = atomic.file_sha256(out / "saes" / p.sae_id / WEIGHTS)
     details = {**training, "weights_sha256": weights_sha}
-    write_record(out, p.sae_id, p.method, "training", train_metrics, details, rec.tokens, context)
+    target = RecordTarget(out, p.sae_id, p.method, context)
+    write_record(target, "training", train_metrics, details, rec.tokens)
     if m.ckpt is not None and distributed.is_main():
         checkpoint.remove(m.ckpt.path)  # the saved SAE and its record supersede it
     return sae

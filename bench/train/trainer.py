@@ -13,7 +13,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ from dictbench import faults  # noqa: F401  (tests patch trainer.faults.point: t
 from dictbench.data.cache import ActivationStore
 from dictbench.errors import UserError
 from dictbench.spec import BudgetSpec
-from dictbench.train.checkpoint import CheckpointPlan
+
+if TYPE_CHECKING:
+    from dictbench.train.lockstep import Member
 
 
 class TrainingFailed(RuntimeError):
@@ -230,33 +232,29 @@ def apply_update(sae: Any, opt: torch.optim.Optimizer, grad_clip: float | None) 
 
 
 def train(
-    sae: Any,
-    sae_id: str,
+    member: Member,
     store: ActivationStore,
     budget: BudgetSpec,
     seed: int,
-    lr: float,
-    device: str = "cpu",
-    betas: tuple[float, float] = (0.9, 0.999),
-    grad_clip: float | None = None,
     subject: Any = None,
     hook: str = "",
-    ckpt: CheckpointPlan | None = None,
 ) -> TrainRecord:
-    """Train one SAE in place on a cache entry: a lockstep group of one
-    (bench/train/lockstep.py). With ``ckpt``, its state is saved every ``ckpt.every`` steps
-    and at the end, and ``ckpt.resume`` continues from a valid saved state: the same
-    batches, optimiser moments and RNG streams, so the result is bit-identical on CPU."""
+    """Train ``member.sae`` in place on a cache entry: a lockstep group of one
+    (bench/train/lockstep.py; a ``Member`` holds the SAE with its id, learning rate,
+    betas, clip, checkpoint plan and device). With ``member.ckpt``, its state is saved
+    every ``ckpt.every`` steps and at the end, and ``ckpt.resume`` continues from a valid
+    saved state: the same batches, optimiser moments and RNG streams, so the result is
+    bit-identical on CPU. ``subject`` and ``hook``: the model past the hook, for methods
+    that train through it."""
     from dictbench.train.batch_stream import CacheWindows, ShuffleBuffer, block_windows_for
-    from dictbench.train.lockstep import Member, train_group
+    from dictbench.train.lockstep import train_group
 
     source = CacheWindows(store)
     keep = store.keep
     block = block_windows_for(budget.buffer_tokens, int(keep.sum()), source.n_windows)
     buffer = ShuffleBuffer(source, keep, block, seed)
-    member = Member(sae, sae_id, lr, betas, grad_clip, ckpt, device)
-    sequence_mode = bool(getattr(sae, "needs_downstream", False))
-    out = train_group([member], buffer, budget, sequence_mode, subject, hook)[sae_id]
+    sequence_mode = bool(getattr(member.sae, "needs_downstream", False))
+    out = train_group([member], buffer, budget, sequence_mode, subject, hook)[member.sae_id]
     if isinstance(out, TrainingFailed):
         raise out
     return out

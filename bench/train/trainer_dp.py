@@ -3,14 +3,14 @@ gradients, stopping every rank together, and resuming every rank from rank 0's b
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from dictbench.train import checkpoint, distributed
-from dictbench.train.checkpoint import CheckpointError, CheckpointPlan
+from dictbench.train import distributed
 from dictbench.train.trainer import TrainingFailed
 
 
@@ -41,29 +41,17 @@ def average_and_check(
         raise TrainingFailed(f"{sae_id}: non-finite loss at step {step}", step)
 
 
-def resume_sharded(
-    ckpt: CheckpointPlan,
-    identity: dict[str, Any],
-    sae: Any,
-    opt: torch.optim.Optimizer,
-    device: str,
-    sae_id: str,
-    steps: int,
-) -> tuple[int, torch.Tensor, dict[str, float], float, bool] | None:
-    """``--resume`` in a data-parallel run: rank 0 reads the checkpoint and sends its bytes,
-    every rank restores from those bytes, so all continue from one state. None: start
-    from step 0."""
-    raw = ckpt.path.read_bytes() if distributed.is_main() and ckpt.path.exists() else None
+@contextlib.contextmanager
+def rank0_copy(path: Path) -> Iterator[Path | None]:
+    """``--resume`` in a data-parallel run: rank 0 reads the checkpoint at ``path`` and
+    sends its bytes; every rank gets a local copy of those bytes (None where rank 0 has
+    no checkpoint), so all restore from one state. The copy is removed on exit."""
+    raw = path.read_bytes() if distributed.is_main() and path.exists() else None
     raw = distributed.broadcast_object(raw)
     if raw is None:
-        return None
+        yield None
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / ckpt.path.name
-        path.write_bytes(raw)
-        try:
-            st = checkpoint.load(path, identity, sae, opt, device)
-        except CheckpointError as e:
-            ckpt.log(f"{sae_id}: checkpoint {ckpt.path} not used: {e}; training from step 0")
-            return None
-    ckpt.log(f"{sae_id}: resuming training at step {st.step} of {steps} ({ckpt.path})")
-    return st.step, st.fired, st.terms, st.wall_seconds, st.has_latents
+        copy = Path(tmp) / path.name
+        copy.write_bytes(raw)
+        yield copy

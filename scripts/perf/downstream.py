@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf_common as pc  # noqa: E402
 
 from dictbench import registry  # noqa: E402
-from dictbench.data.cache import harvest  # noqa: E402
+from dictbench.data.cache import EntryRequest, harvest  # noqa: E402
 from dictbench.data.corpus import CorpusSpec  # noqa: E402
 from dictbench.tasks.base import TaskEnv  # noqa: E402
 
@@ -48,10 +48,7 @@ def make_env(subject: Any, hook: str, n_windows: int, root: Path) -> TaskEnv:
     store = harvest(
         subject,
         hook,
-        CorpusSpec(ctx_len=CTX),
-        "eval",
-        n_windows * (CTX - 1),
-        0,
+        EntryRequest(CorpusSpec(ctx_len=CTX), "eval", n_windows * (CTX - 1), 0),
         root,
         log=lambda _m: None,
     )

@@ -32,8 +32,8 @@ from bench_helpers import train_step  # noqa: E402
 
 from dictbench import registry  # noqa: E402
 from dictbench.baselines.base import LossOutput  # noqa: E402
-from dictbench.baselines.e2e import kl_clean_to_sae  # noqa: E402
 from dictbench.data.corpus import CorpusSpec, keep_positions, make_windows  # noqa: E402
+from dictbench.score.divergence import kl_clean_to_sae  # noqa: E402
 from dictbench.train.trainer import DownstreamHandle, SequenceBatch  # noqa: E402
 
 CTX, D_IN, D_SAE = 128, 576, 4608

@@ -14,7 +14,7 @@ import torch
 from bench_helpers import D_IN, D_SAE
 
 from dictbench import registry
-from dictbench.data.cache import PendingHarvest, prepare, run_harvest
+from dictbench.data.cache import EntryRequest, PendingHarvest, prepare, run_harvest
 from dictbench.data.corpus import CorpusSpec
 from dictbench.tasks.base import TaskEnv
 
@@ -30,7 +30,8 @@ EVAL_TOKENS = 508  # 4 windows of 128: 504 predictions per ablation variant
 def pending(smollm2, tmp_path_factory) -> PendingHarvest:
     """Token windows chosen once (tokenising the corpus is not part of the harvest)."""
     root = tmp_path_factory.mktemp("bench_cache")
-    p = prepare(smollm2, HOOK, CORPUS, "train", HARVEST_TOKENS, 0, root, log=lambda _m: None)
+    request = EntryRequest(CORPUS, "train", HARVEST_TOKENS, 0)
+    p = prepare(smollm2, HOOK, request, root, log=lambda _m: None)
     assert isinstance(p, PendingHarvest)
     return p
 
@@ -56,7 +57,7 @@ def eval_env(smollm2, tmp_path_factory) -> TaskEnv:
     store = run_harvest(
         smollm2,
         HOOK,
-        prepare(smollm2, HOOK, CORPUS, "eval", EVAL_TOKENS, 0, root, quiet),
+        prepare(smollm2, HOOK, EntryRequest(CORPUS, "eval", EVAL_TOKENS, 0), root, quiet),
         log=quiet,
     )
     return TaskEnv(

@@ -21,11 +21,12 @@ import torch
 from synthetic_sparse import D, sparse_store
 
 from dictbench import registry
-from dictbench.data.cache import harvest
+from dictbench.data.cache import EntryRequest, harvest
 from dictbench.data.corpus import CorpusSpec
 from dictbench.spec import BudgetSpec
 from dictbench.train import trainer
 from dictbench.train.checkpoint import CheckpointError, CheckpointPlan, TrainState, load, read, save
+from dictbench.train.lockstep import Member
 from tests.method_names import local_methods, short_run_params
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -71,12 +72,14 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("method", LOCAL_METHODS)
 def test_interrupted_and_resumed_training_is_bit_identical(method, store, tmp_path, monkeypatch):
     ref = build(method)
-    rec_ref = trainer.train(ref, "s", store, BUDGET, seed=3, lr=3e-3)
+    rec_ref = trainer.train(Member(ref, "s", 3e-3), store, BUDGET, seed=3)
 
     path = tmp_path / "s.safetensors"
     interrupt_at(monkeypatch, "s", 13)
     with pytest.raises(Interrupt):
-        trainer.train(build(method), "s", store, BUDGET, seed=3, lr=3e-3, ckpt=plan(path, 4, False))
+        trainer.train(
+            Member(build(method), "s", 3e-3, ckpt=plan(path, 4, False)), store, BUDGET, seed=3
+        )
     assert read(path)[1]["step"] == 12  # saved after steps 3, 7, 11: the last is step 12
     monkeypatch.undo()
 
@@ -84,7 +87,9 @@ def test_interrupted_and_resumed_training_is_bit_identical(method, store, tmp_pa
     np.random.seed(999)
     log: list[str] = []
     resumed = build(method)
-    rec = trainer.train(resumed, "s", store, BUDGET, seed=3, lr=3e-3, ckpt=plan(path, 4, True, log))
+    rec = trainer.train(
+        Member(resumed, "s", 3e-3, ckpt=plan(path, 4, True, log)), store, BUDGET, seed=3
+    )
     assert log == [f"s: resuming training at step 12 of 20 ({path})"]
     assert states_equal(resumed, ref)
     assert rec.final_terms == rec_ref.final_terms
@@ -109,7 +114,11 @@ def test_e2e_resumes_bit_identically_in_sequence_mode(
         eval_fraction=0.3,
     )
     st = harvest(
-        tiny_llama, "resid_post.1", corpus, "train", 900, 0, tmp_path / "c", log=lambda m: None
+        tiny_llama,
+        "resid_post.1",
+        EntryRequest(corpus, "train", 900, 0),
+        tmp_path / "c",
+        log=lambda m: None,
     )
     budget = BudgetSpec(train_tokens=60 * 12, batch_size=60, d_sae=64)  # 4 windows of 15 a step
     d = tiny_llama.d_model
@@ -117,7 +126,12 @@ def test_e2e_resumes_bit_identically_in_sequence_mode(
     def go(ckpt=None):
         sae = build("e2e", d_in=d, d_sae=64)
         rec = trainer.train(
-            sae, "e", st, budget, 0, 1e-3, subject=tiny_llama, hook="resid_post.1", ckpt=ckpt
+            Member(sae, "e", 1e-3, ckpt=ckpt),
+            st,
+            budget,
+            0,
+            subject=tiny_llama,
+            hook="resid_post.1",
         )
         return sae, rec
 
@@ -137,7 +151,7 @@ def test_e2e_resumes_bit_identically_in_sequence_mode(
 def test_a_final_checkpoint_resumes_without_training(store, tmp_path, monkeypatch):
     path = tmp_path / "s.safetensors"
     ref = build("topk")
-    trainer.train(ref, "s", store, BUDGET, seed=3, lr=3e-3, ckpt=plan(path, 0, False))
+    trainer.train(Member(ref, "s", 3e-3, ckpt=plan(path, 0, False)), store, BUDGET, seed=3)
     assert read(path)[1]["step"] == 20  # every=0: only the end is saved
 
     def no_steps(*_a, **_k):
@@ -145,7 +159,7 @@ def test_a_final_checkpoint_resumes_without_training(store, tmp_path, monkeypatc
 
     again = build("topk")
     monkeypatch.setattr(again, "loss", no_steps)
-    trainer.train(again, "s", store, BUDGET, seed=3, lr=3e-3, ckpt=plan(path, 0, True))
+    trainer.train(Member(again, "s", 3e-3, ckpt=plan(path, 0, True)), store, BUDGET, seed=3)
     assert states_equal(again, ref)
 
 
@@ -155,8 +169,8 @@ def test_checkpoint_restores_every_rng_stream(tmp_path):
     torch.manual_seed(5)
     np.random.seed(6)
     random.seed(7)
-    state = TrainState(step=3, fired=torch.zeros(128, dtype=torch.bool))
-    save(tmp_path / "c.safetensors", {"a": 1}, sae, opt, state, total_steps=10)
+    state = TrainState(step=3, fired=torch.zeros(128, dtype=torch.bool), total_steps=10)
+    save(tmp_path / "c.safetensors", {"a": 1}, sae, opt, state)
     want = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     torch.manual_seed(0)
     np.random.seed(0)
@@ -198,8 +212,7 @@ def test_optimizer_moments_round_trip_exactly(tmp_path):
         {},
         sae,
         opt,
-        TrainState(3, torch.zeros(128, dtype=torch.bool)),
-        10,
+        TrainState(3, torch.zeros(128, dtype=torch.bool), total_steps=10),
     )
     sae2 = build("l1", seed=1)
     opt2 = torch.optim.Adam(sae2.parameters(), lr=1e-3, betas=(0.5, 0.9))
@@ -224,7 +237,9 @@ def test_optimizer_moments_round_trip_exactly(tmp_path):
 @pytest.fixture
 def saved(store, tmp_path):
     path = tmp_path / "s.safetensors"
-    trainer.train(build("topk"), "s", store, BUDGET, seed=3, lr=3e-3, ckpt=plan(path, 0, False))
+    trainer.train(
+        Member(build("topk"), "s", 3e-3, ckpt=plan(path, 0, False)), store, BUDGET, seed=3
+    )
     return path
 
 
@@ -262,9 +277,9 @@ def test_damaged_checkpoint_is_refused_and_training_starts_over(damage, saved, s
         read(saved)
     log: list[str] = []
     ref = build("topk")
-    trainer.train(ref, "s", store, BUDGET, seed=3, lr=3e-3)
+    trainer.train(Member(ref, "s", 3e-3), store, BUDGET, seed=3)
     again = build("topk")
-    trainer.train(again, "s", store, BUDGET, seed=3, lr=3e-3, ckpt=plan(saved, 0, True, log))
+    trainer.train(Member(again, "s", 3e-3, ckpt=plan(saved, 0, True, log)), store, BUDGET, seed=3)
     assert len(log) == 1 and log[0].startswith(f"s: checkpoint {saved} not used: ")
     assert log[0].endswith("; training from step 0")
     assert states_equal(again, ref)  # regenerated: the same result as a clean run
@@ -303,6 +318,8 @@ def test_a_pickle_named_as_a_checkpoint_is_never_unpickled(tmp_path, store):
         read(path)
     torch.save({"model": _Payload()}, path)  # torch's zip format, same verdict
     log: list[str] = []
-    trainer.train(build("l1"), "s", store, BUDGET, seed=3, lr=3e-3, ckpt=plan(path, 0, True, log))
+    trainer.train(
+        Member(build("l1"), "s", 3e-3, ckpt=plan(path, 0, True, log)), store, BUDGET, seed=3
+    )
     assert "not used" in log[0]
     assert not (tmp_path / "pwned").exists()

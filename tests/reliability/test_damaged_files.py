@@ -140,7 +140,9 @@ def test_entries_over_the_size_limit_hash_a_sample_that_covers_both_ends(
     corpus = CorpusSpec(
         name="local", data_files=[str(tiny_corpus_dir / "*.txt")], format="text", ctx_len=16
     )
-    store = cache.harvest(tiny_llama, "resid_post.1", corpus, "train", 100 * 15, 0, tmp_path)
+    store = cache.harvest(
+        tiny_llama, "resid_post.1", cache.EntryRequest(corpus, "train", 100 * 15, 0), tmp_path
+    )
     n = store.acts.shape[0]
     assert n == 100 > cache.SAMPLE_WINDOWS
     sums = json.loads((store.path / "meta.json").read_text())["checksums"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dictbench import resources
-from dictbench.data.cache import harvest
+from dictbench.data.cache import EntryRequest, harvest
 from dictbench.data.corpus import CorpusSpec
 from dictbench.errors import UserError
 
@@ -126,7 +126,13 @@ def test_harvest_onto_a_full_tmpfs_is_an_error_not_sigbus(tiny_llama, tiny_corpu
     n_tokens = 1500  # 100 windows x 16 x d 32 x 4 B = 200 KiB of activations
     root = small_tmpfs(64 << 10)
     with pytest.raises(UserError) as info:
-        harvest(tiny_llama, "resid_post.1", corpus, "train", n_tokens, 0, root / "cache", log=str)
+        harvest(
+            tiny_llama,
+            "resid_post.1",
+            EntryRequest(corpus, "train", n_tokens, 0),
+            root / "cache",
+            log=str,
+        )
     msg = str(info.value)
     assert "disk full" in msg and "acts.npy" in msg and "bytes" in msg and "\n" not in msg
     assert not list((root / "cache").rglob("acts.npy"))  # the space was given back
@@ -138,5 +144,7 @@ def test_harvest_succeeds_once_space_is_there(tiny_llama, tiny_corpus_dir, small
         name="local", data_files=[str(tiny_corpus_dir / "*.txt")], format="text", ctx_len=16
     )
     root = small_tmpfs(4 << 20)
-    store = harvest(tiny_llama, "resid_post.1", corpus, "train", 1500, 0, root / "c", log=str)
+    store = harvest(
+        tiny_llama, "resid_post.1", EntryRequest(corpus, "train", 1500, 0), root / "c", log=str
+    )
     assert np.isfinite(np.asarray(store.acts)).all()

@@ -18,6 +18,7 @@ from dictbench.report.leaderboard import table
 from dictbench.spec import BudgetSpec
 from dictbench.train import trainer
 from dictbench.train.checkpoint import CheckpointPlan, read
+from dictbench.train.lockstep import Member
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -48,7 +49,7 @@ def test_non_finite_activation_stops_training_at_its_step(bad, tmp_path):
     path = tmp_path / "ck.safetensors"
     plan = CheckpointPlan(path, 5, {"t": 1})
     with pytest.raises(trainer.TrainingFailed) as err:
-        trainer.train(l1(), "my-sae", store, budget, seed=2, lr=1e-3, ckpt=plan)
+        trainer.train(Member(l1(), "my-sae", 1e-3, ckpt=plan), store, budget, seed=2)
     assert str(err.value) == "my-sae: non-finite activations in the training batch at step 17"
     assert err.value.step == 17
     tensors, meta = read(path)  # the last good checkpoint is kept, and it is good
@@ -60,7 +61,7 @@ def test_non_finite_activation_in_the_initialisation_sample_fails_before_step_0(
     store = sparse_store(tmp_path, BUDGET.train_tokens)
     store.acts[17, 5, 3] = float("nan")
     with pytest.raises(trainer.TrainingFailed) as err:
-        trainer.train(l1(), "my-sae", store, BUDGET, seed=2, lr=1e-3)
+        trainer.train(Member(l1(), "my-sae", 1e-3), store, BUDGET, seed=2)
     assert str(err.value) == (
         "my-sae: non-finite activations in the first 1280 training tokens "
         "(the initialisation sample) before step 0"
@@ -73,7 +74,7 @@ def test_non_finite_activations_with_normalisation_fail_before_step_0(tmp_path):
     store.acts[3, 4, 0] = float("nan")
     budget = BudgetSpec(train_tokens=BATCH * 20, batch_size=BATCH, d_sae=32)
     with pytest.raises(trainer.TrainingFailed, match="my-sae: non-finite activations") as err:
-        trainer.train(l1(), "my-sae", store, budget, seed=2, lr=1e-3)
+        trainer.train(Member(l1(), "my-sae", 1e-3), store, budget, seed=2)
     assert err.value.step == 0 and "before step 0" in str(err.value)
 
 
@@ -94,7 +95,9 @@ def test_broken_weights_are_never_checkpointed(tmp_path):
     sae = WeightsGoBad(L1Config(d_in=64, d_sae=32))
     path = tmp_path / "ck.safetensors"
     with pytest.raises(trainer.TrainingFailed) as err:
-        trainer.train(sae, "w", store, BUDGET, seed=0, lr=1e-3, ckpt=CheckpointPlan(path, 4, {}))
+        trainer.train(
+            Member(sae, "w", 1e-3, ckpt=CheckpointPlan(path, 4, {})), store, BUDGET, seed=0
+        )
     # NaN after step 6: the next loss (step 7) is NaN, before the checkpoint due after step 7
     assert str(err.value) == "w: non-finite loss at step 7"
     assert read(path)[1]["step"] == 4  # the good one from after step 3 stays
@@ -108,7 +111,9 @@ def test_nan_weights_at_a_checkpoint_are_refused(tmp_path):
     # checkpoints after steps 2 and 5 pass; NaN enters at the end of step 6, and the
     # checkpoint after step 6 (every 7) refuses to save it
     with pytest.raises(trainer.TrainingFailed) as err:
-        trainer.train(sae, "w", store, BUDGET, seed=0, lr=1e-3, ckpt=CheckpointPlan(path, 7, {}))
+        trainer.train(
+            Member(sae, "w", 1e-3, ckpt=CheckpointPlan(path, 7, {})), store, BUDGET, seed=0
+        )
     assert str(err.value) == "w: non-finite weights after step 6" and err.value.step == 6
     assert not path.exists()  # nothing was due before; a broken state is never written
 

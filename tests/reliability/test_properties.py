@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from dictbench import cli as dictbench_cli
 from dictbench.baselines.l1 import L1SAE, L1Config
-from dictbench.data.cache import ActivationStore, CacheDamaged, harvest
+from dictbench.data.cache import ActivationStore, CacheDamaged, EntryRequest, harvest
 from dictbench.data.corpus import CorpusSpec
 from dictbench.errors import UserError
 from dictbench.io.sae_io import CONFIG, WEIGHTS, load_sae, save_sae
@@ -375,7 +375,8 @@ def checkpoint_bytes(tmp_path_factory) -> bytes:
     sae.loss(torch.randn(4, D_IN), 0).total.backward()
     opt.step()
     path = tmp_path_factory.mktemp("ckpt") / "c.safetensors"
-    save(path, {"id": 1}, sae, opt, TrainState(1, torch.zeros(D_SAE, dtype=torch.bool)), 2)
+    state = TrainState(1, torch.zeros(D_SAE, dtype=torch.bool), total_steps=2)
+    save(path, {"id": 1}, sae, opt, state)
     return path.read_bytes()
 
 
@@ -404,7 +405,9 @@ def cache_entry(tmp_path_factory, tiny_llama, tiny_corpus_dir) -> Path:
     )
     root = tmp_path_factory.mktemp("cache")
     # 20 windows: fewer than the 64 whose bytes every open hashes, so all of them are covered
-    store = harvest(tiny_llama, "resid_post.1", corpus, "train", 300, 0, root, log=lambda m: None)
+    store = harvest(
+        tiny_llama, "resid_post.1", EntryRequest(corpus, "train", 300, 0), root, log=lambda m: None
+    )
     assert store.acts.shape[0] == 20
     return store.path
 

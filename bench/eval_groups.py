@@ -20,9 +20,9 @@ from typing import Any
 from dictbench import registry
 from dictbench.console import log
 from dictbench.data.cache import (
-    ActivationStore,
     EntryRequest,
     default_cache_root,
+    lookup,
     prepare,
     run_harvest,
 )
@@ -59,12 +59,13 @@ def _train_mean(
         return prepare(subject, spec.hook, request, root, log)
 
     if mean_tokens is None:
-        full = pending(spec.budget.train_tokens)
-        if isinstance(full, ActivationStore):
+        request = EntryRequest(spec.corpus, "train", spec.budget.train_tokens, spec.seed)
+        full = lookup(subject, spec.hook, request, root, log)  # reads no corpus
+        if full is not None:
             return full, {"source": "training cache of the spec", "tokens": full.n_tokens}
         n = min(spec.budget.train_tokens, spec.eval.tokens)
         if n == spec.budget.train_tokens:
-            return full, {"source": "training split of the spec", "tokens": n}
+            return pending(n), {"source": "training split of the spec", "tokens": n}
     else:
         if mean_tokens <= 0:
             raise UserError(f"--mean-tokens: must be positive, got {mean_tokens}")

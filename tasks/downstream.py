@@ -7,7 +7,9 @@ mean-ablated ones. Only the spliced pass depends on the SAE, so the others are
 shared:
 
 * the zero- and mean-ablated losses are two numbers per window, computed once per
-  environment (``env.shared``; ``dictbench.score.eval_shared`` also keeps them on disk);
+  environment (``env.shared``; ``dictbench.score.eval_shared`` also keeps them on disk).
+  An ablated window depends only on its special positions' activations, so windows
+  that share them (every BOS-led window) share one ablated pass;
 * the clean pass gives the full next-token distributions the KL needs, far too big to
   keep for a whole window (tokens x vocabulary floats), so it is shared per batch:
   ``run_many`` takes every SAE of a group, runs the clean pass once per batch and each
@@ -71,23 +73,58 @@ def _splice(sae: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.
     return x_hat
 
 
+def _ablation_groups(env: TaskEnv, n_seq: int) -> list[list[int]]:
+    """The windows grouped by their activations at the special positions, in order.
+
+    An ablated window is those activations plus one constant at every other position,
+    and ``run_from`` reads only activations (its token ids give shapes and positions),
+    so every window of a group has the same ablated logits: one pass per group, not per
+    window. Windows that all start with BOS make one group."""
+    special = ~env.keep_positions
+    groups: dict[bytes, list[int]] = {}
+    for i in range(n_seq):
+        key = np.ascontiguousarray(env.eval_acts[i][special]).tobytes()
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _groups_nll(env: TaskEnv, groups: list[list[int]], mean: torch.Tensor) -> torch.Tensor:
+    """Summed (zero, mean) NLL over every window of these groups: each group's ablated
+    log-probs, from its first window, scored against each member's own targets."""
+    keep = torch.from_numpy(env.keep_positions)
+    firsts = [members[0] for members in groups]
+    x = torch.tensor(np.asarray(env.eval_acts[firsts]), dtype=torch.float32).to(env.device)
+    zero = x.clone()
+    zero[:, keep] = 0.0
+    mean_abl = x.clone()
+    mean_abl[:, keep] = mean
+    ids = torch.from_numpy(np.asarray(env.eval_token_ids[firsts])).long()
+    logp = _pred_logprobs(env, torch.cat([zero, mean_abl]), ids)  # [2 x groups, pos, vocab]
+    logp = logp.reshape(2, len(groups), *logp.shape[1:])
+    nll = torch.zeros(2, dtype=torch.float64)
+    for j, members in enumerate(groups):
+        targets = torch.from_numpy(np.asarray(env.eval_token_ids[members])[:, 2:]).long()
+        pos = torch.arange(targets.shape[1]).unsqueeze(0)
+        tok_lp = logp[:, j][:, pos, targets.to(logp.device)]  # [2, members, positions]
+        nll -= tok_lp.double().sum((1, 2)).cpu()
+    return nll
+
+
 @torch.no_grad()
 def ablation_losses(env: TaskEnv, n_seq: int, seqs_per_batch: int) -> tuple[float, float]:
-    """(ce_zero, ce_mean) over the first n_seq sequences; memoised per run."""
+    """(ce_zero, ce_mean) over the first n_seq sequences; memoised per run. One ablated
+    pass per group of windows that share their special positions' activations
+    (:func:`_ablation_groups`), seqs_per_batch groups at a time: for BOS-led windows,
+    one pass of one window in all."""
     key = ("downstream.ablation", n_seq)
     if key in env.shared:
         return env.shared[key]
-    keep = torch.from_numpy(env.keep_positions)
     mean = torch.from_numpy(np.asarray(env.train_mean, dtype=np.float32)).to(env.device)
+    groups = _ablation_groups(env, n_seq)
     nll = torch.zeros(2, dtype=torch.float64)
-    n_pred = 0
-    for x, ids in _batches(env, n_seq, seqs_per_batch):
-        zero = x.clone()
-        zero[:, keep] = 0.0
-        mean_abl = x.clone()
-        mean_abl[:, keep] = mean
-        nll += _target_nll(_pred_logprobs(env, torch.cat([zero, mean_abl]), ids), ids)
-        n_pred += ids.shape[0] * (ids.shape[1] - 2)
+    for start in range(0, len(groups), seqs_per_batch):
+        nll += _groups_nll(env, groups[start : start + seqs_per_batch], mean)
+    n_pred = n_seq * (env.eval_token_ids.shape[1] - 2)
     result = (float(nll[0]) / n_pred, float(nll[1]) / n_pred)
     env.shared[key] = result
     return result

@@ -126,6 +126,35 @@ def test_windows_are_a_seeded_sample(letter_corpus):
     np.testing.assert_array_equal(a, b)
 
 
+class _BatchingTokenizer(ByteTokenizer):
+    """ByteTokenizer with ``encode_many``, recording each batch's size."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        self.batches.append(len(texts))
+        return [self.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_batched_encoding_gives_the_windows_of_one_document_at_a_time(tmp_path, streaming):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(150):  # three batches of 64, 64 and 22 documents
+        (folder / f"d{i:03d}.txt").write_text("".join(rng.choice(list(LETTERS), 9 + i % 13)))
+    spec = CorpusSpec(
+        name="local", data_files=[str(folder / "*.txt")], format="text", ctx_len=8,
+        eval_fraction=0.0, streaming=streaming,
+    )  # fmt: skip
+    n = 40 if streaming else 150
+    batching = _BatchingTokenizer()
+    got = make_windows(batching, spec, "train", n, seed=0)
+    np.testing.assert_array_equal(got, make_windows(ByteTokenizer(), spec, "train", n, seed=0))
+    assert batching.batches == ([64] if streaming else [64, 64, 22])
+
+
 def test_too_many_windows_says_how_many_tokens(letter_corpus):
     spec = letter_corpus
     lengths = _doc_lengths(spec, "eval", 0)

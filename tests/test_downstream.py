@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dictbench.data.corpus import keep_positions
+from dictbench.tasks import downstream
 from dictbench.tasks.base import TaskEnv
 from dictbench.tasks.downstream import Downstream
 
@@ -154,6 +155,27 @@ def test_ce_sae_matches_an_independent_splice(tiny_llama, ds_ids, ds_train_mean)
     assert abs(m["ce_mean"] - mean) < 1e-5
 
 
+@pytest.mark.parametrize("first_tokens", [[256, 256, 7, 7, 3], [1, 2, 3, 4, 5]])
+def test_ablated_losses_match_full_passes_when_windows_start_differently(
+    tiny_llama, ds_ids, ds_train_mean, first_tokens
+):
+    """Windows share an ablated pass only when their position-0 activations agree: with
+    two groups, or one window per group, the losses still equal a full ablated pass of
+    every window (computed independently, by hooking the whole model)."""
+    ids = ds_ids.clone()
+    ids[:, 0] = torch.tensor(first_tokens)
+    env = make_env(tiny_llama, ids, ds_train_mean)
+    m = Downstream().run(FnSAE(lambda f: f), env).metrics
+    zero = ce_over_predictions(spliced_logits(tiny_llama, ids, torch.zeros_like), ids)
+    mu = torch.from_numpy(ds_train_mean)
+    mean = ce_over_predictions(
+        spliced_logits(tiny_llama, ids, lambda x: mu.expand_as(x).clone()), ids
+    )
+    assert abs(m["ce_zero"] - zero) < 1e-5
+    assert abs(m["ce_mean"] - mean) < 1e-5
+    assert len(downstream._ablation_groups(env, N_SEQ)) == len(set(first_tokens))
+
+
 def test_zero_sae_equals_zero_ablation(tiny_llama, ds_ids, ds_train_mean):
     env = make_env(tiny_llama, ds_ids, ds_train_mean)
     m = Downstream().run(FnSAE(torch.zeros_like), env).metrics
@@ -214,10 +236,11 @@ def test_special_position_keeps_its_activation(tiny_llama, ds_ids, ds_train_mean
 
     # Every variant keeps the original activation at position 0, so the logits there match
     # the clean model's in every variant. Per batch of sequences (4, then 1): the clean
-    # pass, then the SAE's; then the zero and mean variants stacked, once per run.
+    # pass, then the SAE's; then the zero and mean variants of one window, once per run
+    # (every window starts with BOS, so all share one ablated pass).
     with torch.no_grad():
         clean_logits = tiny_llama.logits(ds_ids)
-    rows = [[0, 1, 2, 3], [0, 1, 2, 3], [4], [4], [0, 1, 2, 3] * 2, [4] * 2]
+    rows = [[0, 1, 2, 3], [0, 1, 2, 3], [4], [4], [0, 0]]
     assert [a.shape[0] for a, _ in calls] == [len(r) for r in rows]
     for (acts, logits), seqs in zip(calls, rows, strict=True):
         assert torch.equal(acts[:, 0], torch.from_numpy(env.eval_acts[seqs, 0]))
@@ -259,7 +282,7 @@ def test_ablation_losses_are_computed_once_per_env(tiny_llama, ds_ids, ds_train_
     first = Downstream().run(FnSAE(lambda f: 0.5 * f), env).metrics
     after_first = sum(rows)
     second = Downstream().run(FnSAE(torch.zeros_like), env).metrics
-    assert after_first == 4 * N_SEQ  # clean + SAE, then zero + mean
+    assert after_first == 2 * N_SEQ + 2  # clean + SAE, then zero + mean of one window
     assert sum(rows) - after_first == 2 * N_SEQ  # clean + SAE only
     assert second["ce_zero"] == first["ce_zero"] and second["ce_mean"] == first["ce_mean"]
     # The memo is right, not just reused: the zero SAE's own spliced loss equals ce_zero.

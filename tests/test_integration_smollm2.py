@@ -51,6 +51,12 @@ def test_embedded_model_shape(smollm2: SubjectModel) -> None:
     assert smollm2.tokenizer.vocab_size == 49152
 
 
+def test_batch_encoding_equals_one_text_at_a_time(smollm2: SubjectModel) -> None:
+    texts = ["The Congress shall", "  two spaces\n\nand a paragraph", "", "é ü 中文 🙂"]
+    tok = smollm2.tokenizer
+    assert tok.encode_many(texts) == [tok.encode(t) for t in texts]
+
+
 def test_prose_loss_is_about_three_nats(smollm2: SubjectModel, prose_ids: torch.Tensor) -> None:
     with torch.no_grad():
         logits = smollm2.logits(prose_ids)

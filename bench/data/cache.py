@@ -101,6 +101,15 @@ class PendingHarvest:
     part: str
 
 
+def lookup(
+    subject: Any, hook: str, request: EntryRequest, root: Path, log: Any = print
+) -> ActivationStore | None:
+    """The cached store for ``request`` if a finished, intact one exists; None otherwise.
+    It reads no corpus: asking costs nothing even when the answer is no."""
+    final, fp, ident = _entry_identity(subject, hook, request, root)
+    return _reuse(final, request.part, fp, ident, log)
+
+
 def prepare(
     subject: Any, hook: str, request: EntryRequest, root: Path, log: Any = print
 ) -> ActivationStore | PendingHarvest:
@@ -109,18 +118,26 @@ def prepare(
     Split out from :func:`harvest` so a run can fail on a too-short corpus before it
     writes anything.
     """
-    corpus, part, seed = request.corpus, request.part, request.seed
-    keep = keep_positions(corpus.ctx_len)
-    n_windows = -(-request.n_tokens // int(keep.sum()))
-    fp, ident = fingerprint(
-        subject.fingerprint(), hook, corpus, part, n_windows, seed, request.dtype
-    )
-    final = root / f"{part}-{fp}"
-    store = _reuse(final, part, fp, ident, log)
+    final, fp, ident = _entry_identity(subject, hook, request, root)
+    store = _reuse(final, request.part, fp, ident, log)
     if store is not None:
         return store
-    tokens = make_windows(subject.tokenizer, corpus, part, n_windows, seed)
-    return PendingHarvest(final, fp, ident, tokens, part)
+    corpus = request.corpus
+    n_windows = -(-request.n_tokens // int(keep_positions(corpus.ctx_len).sum()))
+    tokens = make_windows(subject.tokenizer, corpus, request.part, n_windows, request.seed)
+    return PendingHarvest(final, fp, ident, tokens, request.part)
+
+
+def _entry_identity(
+    subject: Any, hook: str, request: EntryRequest, root: Path
+) -> tuple[Path, str, dict[str, Any]]:
+    """(entry folder, fingerprint, identity) of the entry that would hold ``request``."""
+    corpus, part = request.corpus, request.part
+    n_windows = -(-request.n_tokens // int(keep_positions(corpus.ctx_len).sum()))
+    fp, ident = fingerprint(
+        subject.fingerprint(), hook, corpus, part, n_windows, request.seed, request.dtype
+    )
+    return root / f"{part}-{fp}", fp, ident
 
 
 def _fill_entry(

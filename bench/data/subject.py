@@ -68,6 +68,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids, as :meth:`encode` gives them; a fast tokenizer encodes the
+        batch on every core (the embedded corpus: about 2x on two cores)."""
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 

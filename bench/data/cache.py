@@ -106,7 +106,7 @@ def lookup(
 ) -> ActivationStore | None:
     """The cached store for ``request`` if a finished, intact one exists; None otherwise.
     It reads no corpus: asking costs nothing even when the answer is no."""
-    final, fp, ident = _entry_identity(subject, hook, request, root)
+    final, fp, ident, _ = _entry_identity(subject, hook, request, root)
     return _reuse(final, request.part, fp, ident, log)
 
 
@@ -118,26 +118,24 @@ def prepare(
     Split out from :func:`harvest` so a run can fail on a too-short corpus before it
     writes anything.
     """
-    final, fp, ident = _entry_identity(subject, hook, request, root)
+    final, fp, ident, n_windows = _entry_identity(subject, hook, request, root)
     store = _reuse(final, request.part, fp, ident, log)
     if store is not None:
         return store
-    corpus = request.corpus
-    n_windows = -(-request.n_tokens // int(keep_positions(corpus.ctx_len).sum()))
-    tokens = make_windows(subject.tokenizer, corpus, request.part, n_windows, request.seed)
+    tokens = make_windows(subject.tokenizer, request.corpus, request.part, n_windows, request.seed)
     return PendingHarvest(final, fp, ident, tokens, request.part)
 
 
 def _entry_identity(
     subject: Any, hook: str, request: EntryRequest, root: Path
-) -> tuple[Path, str, dict[str, Any]]:
-    """(entry folder, fingerprint, identity) of the entry that would hold ``request``."""
+) -> tuple[Path, str, dict[str, Any], int]:
+    """(entry folder, fingerprint, identity, windows) of the entry that would hold ``request``."""
     corpus, part = request.corpus, request.part
     n_windows = -(-request.n_tokens // int(keep_positions(corpus.ctx_len).sum()))
     fp, ident = fingerprint(
         subject.fingerprint(), hook, corpus, part, n_windows, request.seed, request.dtype
     )
-    return root / f"{part}-{fp}", fp, ident
+    return root / f"{part}-{fp}", fp, ident, n_windows
 
 
 def _fill_entry(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dictbench.registry import register_task
+from dictbench.score.indicators import positive_per_column
 from dictbench.score.metric_meta import Metric
 from dictbench.tasks.base import TaskEnv, TaskResult, TokenAccumulator, TokenTask
 
@@ -31,8 +32,7 @@ class DeadLatentsAccumulator(TokenAccumulator):
     def update(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
         if self.max_tokens is not None:
             f = f[: max(0, self.max_tokens - self.n)]
-        # int32 counts are exact within one batch and cheaper than int64
-        counts = (f > 0).sum(0, dtype=torch.int32).cpu().long()
+        counts = positive_per_column(f).cpu()
         self.n += f.shape[0]
         self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
 

@@ -30,8 +30,10 @@ class ReconstructionAccumulator(TokenAccumulator):
         x = x.double()
         x_hat = x_hat.double()
         self.n += x.shape[0]
-        self.sq_err_sum += (x - x_hat).pow(2).sum().cpu()
-        dot = (x * x_hat).sum(-1)
+        # dot products (BLAS) instead of elementwise products: fewer [n, d] temporaries
+        err = (x - x_hat).reshape(-1)
+        self.sq_err_sum += torch.dot(err, err).cpu()
+        dot = torch.einsum("nd,nd->n", x, x_hat)
         norms = x.norm(dim=-1) * x_hat.norm(dim=-1)
         self.cos_sum += (dot / norms.clamp_min(EPS)).sum().cpu()
         x_sum, x_sq_sum = x.sum(0).cpu(), x.pow(2).sum(0).cpu()

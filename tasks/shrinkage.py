@@ -24,8 +24,9 @@ class ShrinkageAccumulator(TokenAccumulator):
         x = x.double()
         x_hat = x_hat.double()
         self.n += x.shape[0]
-        self.hat_sq_sum += x_hat.pow(2).sum().cpu()
-        self.dot_sum += (x * x_hat).sum().cpu()
+        flat_x, flat_hat = x.reshape(-1), x_hat.reshape(-1)
+        self.hat_sq_sum += torch.dot(flat_hat, flat_hat).cpu()
+        self.dot_sum += torch.dot(flat_x, flat_hat).cpu()
         ratio = x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(EPS)
         self.ratio_sum += ratio.sum().cpu()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dictbench.registry import register_task
+from dictbench.score.indicators import nonzero_per_row
 from dictbench.score.metric_meta import Metric
 from dictbench.tasks.base import TaskEnv, TaskResult, TokenAccumulator, TokenTask
 
@@ -23,8 +24,9 @@ class SparsityAccumulator(TokenAccumulator):
 
     def update(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
         self.n += f.shape[0]
-        self.l0_sum += torch.count_nonzero(f).double().cpu()
-        self.l1_sum += f.abs().sum(-1, dtype=torch.float32).double().sum().cpu()
+        self.l0_sum += nonzero_per_row(f).sum().double().cpu()
+        l1_per_token = torch.linalg.vector_norm(f, ord=1, dim=-1, dtype=torch.float32)
+        self.l1_sum += l1_per_token.double().sum().cpu()
 
     def result(self) -> TaskResult:
         n = torch.tensor(float(self.n), dtype=torch.float64)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check, one script: on a GPU it runs the device-sensitive tests, the step
-# comparisons and a lockstep stream of 4 SAEs on the embedded SmolLM2 (no network needed),
-# in under 8 minutes, and writes its figures under $OUT (default results/perf/gpu; for the
+# comparisons, a lockstep stream of 4 SAEs on the embedded SmolLM2 (no network needed) and
+# `dictbench eval` of 8 SAEs in one call against 8 calls, in under 8 minutes, and writes its figures under $OUT (default results/perf/gpu; for the
 # CPU fallback runs/gpu-check-cpu, which is not committed).
 #   bash scripts/gpu_check.sh            # on the GPU machine (device cuda)
 #   bash scripts/gpu_check.sh --device cpu   # the CPU fallback at tiny sizes (CI runs it)
@@ -31,3 +31,10 @@ fi
 echo "== lockstep stream of 4 SAEs on the embedded model ($DEVICE)"
 "$PY" scripts/perf/lockstep_sweep.py --mode stream --saes 4 --device "$DEVICE" \
   --tokens "$TOKENS" --d-sae "$DSAE" --batch "$BATCH" | tee "$OUT/lockstep_stream_$DEVICE.json"
+echo "== dictbench eval: one call for several SAEs against one call each ($DEVICE)"
+if [ "$DEVICE" = cpu ]; then
+  EVAL_SIZES=(--saes 2 --d-sae 512 --set eval.tokens=1024 --set eval.downstream_tokens=512)
+else
+  EVAL_SIZES=(--saes 8)
+fi
+"$PY" scripts/perf/eval_many.py --rounds 1 --out "$OUT" --set "model.device=$DEVICE" "${EVAL_SIZES[@]}"

@@ -54,12 +54,14 @@ def _train_mean(
 ) -> tuple[Any, dict[str, Any]]:
     """The store whose mean is the mean-ablation baseline, and what eval.json says of it."""
 
+    def train_request(n: int) -> EntryRequest:
+        return EntryRequest(spec.corpus, "train", n, spec.seed)
+
     def pending(n: int) -> Any:
-        request = EntryRequest(spec.corpus, "train", n, spec.seed)
-        return prepare(subject, spec.hook, request, root, log)
+        return prepare(subject, spec.hook, train_request(n), root, log)
 
     if mean_tokens is None:
-        request = EntryRequest(spec.corpus, "train", spec.budget.train_tokens, spec.seed)
+        request = train_request(spec.budget.train_tokens)
         full = lookup(subject, spec.hook, request, root, log)  # reads no corpus
         if full is not None:
             return full, {"source": "training cache of the spec", "tokens": full.n_tokens}

@@ -128,15 +128,17 @@ def _encoded(
     tokenizer has ``encode_many`` (tokenizing a whole split was a third of a cold
     ``dictbench eval``). A stream reads at most batch_docs - 1 documents past the last
     it needs; the windows are the same."""
-    many = getattr(tokenizer, "encode_many", None)
+    encode_batch = getattr(tokenizer, "encode_many", None) or (
+        lambda texts: map(tokenizer.encode, texts)
+    )
     batch: list[str] = []
     for _, text in docs:
         batch.append(text)
         if len(batch) == batch_docs:
-            yield from many(batch) if many else map(tokenizer.encode, batch)
+            yield from encode_batch(batch)
             batch = []
     if batch:
-        yield from many(batch) if many else map(tokenizer.encode, batch)
+        yield from encode_batch(batch)
 
 
 def make_windows(
